@@ -53,9 +53,16 @@ class CoDiConfig:
       branch = getattr(self, name)
       if branch is not None and branch.fully_connected:
         raise ValueError(f"CoDiConfig.{name} must be a 2-D UNet (no second_dim)")
-    widths = {b.connector_channels for b in self.branches.values()}
-    if len(widths) > 1:
-      raise ValueError(f"all diffusers must share one connector width, got {sorted(widths)}")
+    if not self.branches:
+      raise ValueError("CoDiConfig needs at least one diffuser")
+    for field in ("connector_channels", "context_dim"):
+      values = {getattr(b, field) for b in self.branches.values()}
+      if len(values) > 1:
+        raise ValueError(f"all diffusers must share one {field}, got {sorted(values)}")
+
+  @property
+  def context_dim(self) -> int:
+    return next(iter(self.branches.values())).context_dim
 
   @property
   def branches(self) -> dict[str, UNetConfig]:
@@ -123,3 +130,36 @@ class CoDiUNet(nn.Module):
     if len(latents) > 1:
       conn = self.connector_contexts(self.environment_codes(latents, timesteps))
     return {m: self._branch(m)(x, timesteps, context, conn[m]) for m, x in latents.items()}
+
+
+def example_inputs(config: CoDiConfig, batch: int = 1
+                   ) -> tuple[dict[Modality, jax.Array], jax.Array, jax.Array]:
+  """Smallest inputs that touch every parameter: one latent per diffuser (video when the image
+  diffuser has video layers, so they are created), timesteps, and a one-token context."""
+  latents = {}
+  for modality, cfg in ((Modality.IMAGE, config.image), (Modality.AUDIO, config.audio)):
+    if cfg is None:
+      continue
+    side = 2 ** max(len(cfg.channel_mult) - 1, len(cfg.connector_channel_mult) - 1)
+    shape = (batch, side, side, cfg.in_channels)
+    if modality is Modality.IMAGE and cfg.video:
+      modality, shape = Modality.VIDEO, (batch, 2) + shape[1:]
+    latents[modality] = jnp.zeros(shape, jnp.float32)
+  if config.text is not None:
+    latents[Modality.TEXT] = jnp.zeros((batch, config.text.in_channels), jnp.float32)
+  return (latents, jnp.zeros((batch,), jnp.int32),
+          jnp.zeros((batch, 1, config.context_dim), jnp.float32))
+
+
+def init_params(config: CoDiConfig, rng: jax.Array):
+  """Initial (logically partitioned) parameters of every diffuser and connector."""
+  latents, t, ctx = example_inputs(config)
+  if len(latents) == 1 and Modality.VIDEO in latents:
+    # Connectors are only built by a joint call; a video-only model can pair video with image.
+    latents[Modality.IMAGE] = latents[Modality.VIDEO][:, 0]
+  return CoDiUNet(config).init(rng, latents, t, ctx)["params"]
+
+
+def param_shapes(config: CoDiConfig):
+  """`jax.eval_shape` of `init_params`: the full tree with no memory allocated."""
+  return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))

@@ -1,0 +1,112 @@
+"""`codi-jax parity`: compare our modules with outputs of the original CoDi code.
+
+For every fixture file, a handler chosen by the fixture's `component` builds our module from the
+fixture's own config, loads its weights through the key map, runs every case and returns the
+outputs it computed. Every stored output is then compared; a stored output the handler did not
+compute, a file no handler knows, or a handler error is a failure, never a skip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+import traceback
+from typing import Callable
+
+import numpy as np
+
+from codi_jax.parity import diffusion
+from codi_jax.parity.fixtures import Fixture, load_fixture
+
+Handler = Callable[[Fixture], diffusion.Produced]
+
+# component prefix (as written by the fixture generator) -> handler
+HANDLERS: tuple[tuple[str, Handler], ...] = (
+    ("openai_unet_codi", diffusion.unet_outputs),
+    ("DDIMSampler_VD", diffusion.ddim_outputs),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  max_abs: float
+  tol: float
+  passed: bool
+  error: str | None = None
+
+  def as_json(self) -> dict:
+    out = {"max_abs": self.max_abs, "tol": self.tol, "pass": self.passed}
+    if self.error:
+      out["error"] = self.error
+    return out
+
+
+def _handler(fx: Fixture) -> Handler | None:
+  for prefix, handler in HANDLERS:
+    if fx.component.startswith(prefix):
+      return handler
+  return None
+
+
+def compare(expected: np.ndarray, produced: np.ndarray, tol: tuple[float, float]) -> Row:
+  atol, rtol = tol
+  bound = float(atol + rtol * (np.abs(expected).max() if expected.size else 0.0))
+  if expected.shape != produced.shape:
+    return Row(float("inf"), bound, False, f"shape {produced.shape} != expected {expected.shape}")
+  diff = np.abs(expected.astype(np.float64) - produced.astype(np.float64))
+  max_abs = float(diff.max()) if diff.size else 0.0
+  return Row(max_abs, bound, bool(np.isfinite(max_abs) and max_abs <= bound))
+
+
+def check_file(path: pathlib.Path) -> dict[str, Row]:
+  """All rows of one fixture file (a failure row "<file>" if it cannot be handled at all)."""
+  try:
+    fx = load_fixture(path)
+  except ValueError as e:
+    return {"<file>": Row(float("inf"), 0.0, False, str(e))}
+  handler = _handler(fx)
+  if handler is None:
+    return {"<file>": Row(float("inf"), 0.0, False,
+                          f"no parity handler for component {fx.component!r}")}
+  try:
+    produced = handler(fx)
+  except Exception as e:  # a handler crash fails the file, with its message
+    logging.debug("parity handler failed:\n%s", traceback.format_exc())
+    return {"<file>": Row(float("inf"), 0.0, False, f"{type(e).__name__}: {e}")}
+  rows = {}
+  for key, expected in sorted(fx.outputs.items()):
+    if key not in produced:
+      rows[key] = Row(float("inf"), 0.0, False, "output not computed")
+      continue
+    value, tol = produced[key]
+    rows[key] = compare(np.asarray(expected), np.asarray(value), tol)
+  if not rows:
+    rows["<file>"] = Row(float("inf"), 0.0, False, "fixture stores no outputs")
+  return rows
+
+
+def fixture_files(directory: pathlib.Path, only: list[str] | None = None) -> list[pathlib.Path]:
+  """The `.npz` fixtures in `directory`, optionally only those named (with or without `.npz`)."""
+  if not directory.is_dir():
+    raise FileNotFoundError(f"fixture directory {directory} does not exist")
+  files = sorted(p for p in directory.glob("*.npz") if p.stem != "manifest_full")
+  if only:
+    wanted = {o.removesuffix(".npz") for o in only}
+    unknown = wanted - {p.stem for p in files}
+    if unknown:
+      raise FileNotFoundError(f"no fixture named {sorted(unknown)} in {directory}")
+    files = [p for p in files if p.stem in wanted]
+  if not files:
+    raise FileNotFoundError(f"no .npz fixtures in {directory}")
+  return files
+
+
+def run(directory: pathlib.Path, only: list[str] | None = None,
+        on_file: Callable[[str, dict[str, Row]], None] | None = None) -> dict[str, dict[str, Row]]:
+  results = {}
+  for path in fixture_files(directory, only):
+    results[path.name] = check_file(path)
+    if on_file:
+      on_file(path.name, results[path.name])
+  return results

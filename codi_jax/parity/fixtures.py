@@ -1,0 +1,54 @@
+"""Reading reference fixtures: `.npz` files made by running the original CoDi code.
+
+Format (`../shared/fixtures/codi_reference/README.md`): weights under their original state-dict
+keys (float16 parameters are exact: widen to float32), `input/<name>`, `output/<name>`,
+`meta/<name>`, and `config_json` with the component's own config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Fixture:
+  path: pathlib.Path
+  config: dict[str, Any]
+  weights: dict[str, np.ndarray]
+  inputs: dict[str, np.ndarray]
+  outputs: dict[str, np.ndarray]
+
+  @property
+  def name(self) -> str:
+    return self.path.name
+
+  @property
+  def component(self) -> str:
+    return str(self.config.get("component", ""))
+
+
+def load_fixture(path: str | pathlib.Path) -> Fixture:
+  path = pathlib.Path(path)
+  try:
+    z = np.load(path, allow_pickle=False)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path}: not a readable .npz fixture ({e})") from e
+  with z:
+    if "config_json" not in z.files:
+      raise ValueError(f"{path}: no config_json entry; not a CoDi reference fixture")
+    config = json.loads(str(z["config_json"]))
+    weights, inputs, outputs = {}, {}, {}
+    for key in z.files:
+      value = z[key]
+      if key.startswith("input/"):
+        inputs[key[len("input/"):]] = value
+      elif key.startswith("output/"):
+        outputs[key[len("output/"):]] = value
+      elif "/" not in key and key != "config_json":
+        weights[key] = value.astype(np.float32) if value.dtype == np.float16 else value
+  return Fixture(path, config, weights, inputs, outputs)
