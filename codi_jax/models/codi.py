@@ -163,3 +163,12 @@ def init_params(config: CoDiConfig, rng: jax.Array):
 def param_shapes(config: CoDiConfig):
   """`jax.eval_shape` of `init_params`: the full tree with no memory allocated."""
   return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
+def codi_config_from_dict(model: Mapping) -> CoDiConfig:
+  """`config.model` of `configs/codi.py` (a ConfigDict or dict) -> CoDiConfig."""
+  branch = lambda key: UNetConfig(**dict(model[key])) if model.get(key) is not None else None
+  return CoDiConfig(image=branch("image"), text=branch("text"), audio=branch("audio"),
+                    alignment=model.get("alignment", Alignment.OTHERS),
+                    attention_impl=model.get("attention_impl", AttentionImpl.XLA),
+                    dtype=model.get("dtype", "float32"))

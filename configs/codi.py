@@ -1,0 +1,120 @@
+r"""CoDi model and run configuration: `get_config("tiny" | "small" | "full")`.
+
+Presets live in one table (`PRESETS`); `full` is the released CoDi (CODI_REFERENCE §2,
+`configs/model/openai_unet.yaml` of the original), `small` a single-accelerator development size,
+`tiny` the CPU size used by tests and the demo. Override any field on the command line:
+
+  codi-jax inspect --config configs/codi.py:full --params
+  codi-jax demo --config configs/codi.py:tiny --config.sample.ddim_steps=10 --workdir outputs/demo
+  codi-jax demo --config configs/codi.py:tiny --config.model.alignment=self
+
+`model.alignment`: "self" reproduces the released weights (each output's connectors attend to its
+own environment code); "others" is the paper's design (attend to the other outputs' codes) and
+the default for training from scratch. The `full` preset describes the released model, so it
+defaults to "self".
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+T, F = True, False
+
+# One row per preset. Branch widths, level structure, connector structure, shared widths.
+PRESETS = {
+    "tiny": dict(
+        image_channels=64, audio_channels=64, text_channels=32, text_latent=32,
+        channel_mult=(1, 2), num_res_blocks=(1, 1), attention=(T, F), connector=(T, F),
+        connector_channel_mult=(1, 2), second_dim=(4, 4), connector_second_dim=(4, 4),
+        context_dim=32, connector_channels=64, num_heads=2, alignment="others",
+        image_latent=8, num_frames=4, audio_latent=(16, 8), ddim_steps=10),
+    "small": dict(
+        image_channels=128, audio_channels=64, text_channels=128, text_latent=768,
+        channel_mult=(1, 2, 4), num_res_blocks=(2, 2, 2), attention=(T, T, F),
+        connector=(T, T, F), connector_channel_mult=(1, 2), second_dim=(4, 4, 4),
+        connector_second_dim=(4, 4), context_dim=768, connector_channels=512, num_heads=8,
+        alignment="others", image_latent=32, num_frames=8, audio_latent=(256, 16),
+        ddim_steps=50),
+    "full": dict(
+        image_channels=320, audio_channels=192, text_channels=320, text_latent=768,
+        channel_mult=(1, 2, 4, 4), num_res_blocks=(2, 2, 2, 2), attention=(T, T, T, F),
+        connector=(T, T, T, F), connector_channel_mult=(1, 2, 4), second_dim=(4, 4, 4, 4),
+        connector_second_dim=(4, 4, 4), context_dim=768, connector_channels=1280, num_heads=8,
+        alignment="self", image_latent=32, num_frames=8, audio_latent=(256, 16),
+        ddim_steps=50),
+}
+
+# Logical axis -> mesh axes, tried in order; a dim takes the first rule whose mesh axes are free
+# in that array and divide its size (`codi_jax.parallel.sharding`). Parameters use embed/embed_in/
+# mlp/heads; activations use batch/act_spatial/act_embed/length.
+SHARDING_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("embed_in", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("mlp", "fsdp"),
+    ("heads", "fsdp"),
+    ("length", "context"),
+    ("act_spatial", "context"),
+    ("act_embed", None),
+    ("norm", None),
+    ("conv_window", None),
+    ("frames", None),
+    ("unmodeled", None),
+)
+
+
+def _unet(p: dict, channels: int, in_channels: int, *, video: bool = False,
+          text: bool = False) -> dict:
+  return dict(
+      in_channels=in_channels,
+      out_channels=in_channels,
+      model_channels=channels,
+      channel_mult=p["channel_mult"],
+      num_res_blocks=p["num_res_blocks"],
+      attention=p["attention"],
+      connector=p["connector"],
+      connector_channel_mult=p["connector_channel_mult"],
+      connector_num_res_blocks=(1,) * len(p["connector_channel_mult"]),
+      connector_channels=p["connector_channels"],
+      num_heads=p["num_heads"],
+      context_dim=p["context_dim"],
+      video=video,
+      second_dim=p["second_dim"] if text else None,
+      connector_second_dim=p["connector_second_dim"] if text else None,
+  )
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+  if arg not in PRESETS:
+    raise ValueError(f"unknown preset {arg!r}; choose one of {sorted(PRESETS)}")
+  p = PRESETS[arg]
+  config = ml_collections.ConfigDict()
+  config.preset = arg
+  config.seed = 0
+
+  config.model = ml_collections.ConfigDict(dict(
+      image=_unet(p, p["image_channels"], 4, video=True),
+      audio=_unet(p, p["audio_channels"], 8),
+      text=_unet(p, p["text_channels"], p["text_latent"], text=True),
+      alignment=p["alignment"],
+      attention_impl="xla",  # "cudnn" for the fused GPU kernel
+      dtype="float32",  # compute dtype; "bfloat16" on accelerators (params stay float32)
+  ))
+
+  config.diffusion = ml_collections.ConfigDict(dict(
+      num_timesteps=1000, beta_start=0.00085, beta_end=0.012))
+
+  config.sample = ml_collections.ConfigDict(dict(
+      ddim_steps=p["ddim_steps"], eta=0.0, guidance_scale=7.5, num_samples=2,
+      image_latent_size=p["image_latent"], num_frames=p["num_frames"],
+      audio_latent_frames=p["audio_latent"][0], audio_latent_bins=p["audio_latent"][1],
+      outputs="image,video,audio,text"))
+
+  # Mesh sizes per slice (ici) and across slices (dcn); -1 takes the remaining devices.
+  config.mesh = ml_collections.ConfigDict(dict(
+      ici=dict(data=-1, fsdp=1, context=1, tensor=1),
+      dcn=dict(data=1, fsdp=1, context=1, tensor=1)))
+  config.sharding_rules = SHARDING_RULES
+  return config
