@@ -46,7 +46,7 @@ PRESETS = {
 
 # Logical axis -> mesh axes, tried in order; a dim takes the first rule whose mesh axes are free
 # in that array and divide its size (`codi_jax.parallel.sharding`). Parameters use embed/embed_in/
-# mlp/heads; activations use batch/act_spatial/act_embed/length.
+# mlp/heads; activations use batch/act_length/act_height/act_width/act_embed.
 SHARDING_RULES = (
     ("batch", ("data", "fsdp")),
     ("embed", "fsdp"),
@@ -55,11 +55,13 @@ SHARDING_RULES = (
     ("heads", "tensor"),
     ("mlp", "fsdp"),
     ("heads", "fsdp"),
-    ("length", "context"),
-    ("act_spatial", "context"),
+    ("act_length", "context"),
+    ("act_height", "context"),
+    ("act_width", None),
     ("act_embed", None),
     ("norm", None),
-    ("conv_window", None),
+    ("conv_height", None),
+    ("conv_width", None),
     ("frames", None),
     ("unmodeled", None),
 )

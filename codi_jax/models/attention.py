@@ -161,7 +161,7 @@ class SpatialTransformer(nn.Module):
     h = GroupNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
     h = dense(inner, ("embed_in", "embed"), name="proj_in", dtype=self.dtype)(h)
     h = h.reshape(n, -1, inner)  # [N, T, inner]
-    h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
+    h = nn.with_logical_constraint(h, ("batch", "act_length", "act_embed"))
     h = _Blocks(self.heads, self.dim_head, self.depth, self.attention_impl, dtype=self.dtype,
                 name="transformer_blocks")(h, context.astype(self.dtype))
     h = dense(c, ("embed_in", "embed"), name="proj_out", dtype=self.dtype, zero_init=True)(h)

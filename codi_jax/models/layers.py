@@ -14,7 +14,10 @@ Logical axis names of parameters (mapped to mesh axes by the rules in the config
   embed_in   input channels of a projection / conv
   mlp        feed-forward hidden width
   heads      attention inner width (heads * head_dim)
-  conv_window, norm, frames, unmodeled: never sharded
+  conv_height, conv_width, norm, frames, unmodeled: never sharded
+
+Activations are pinned at block boundaries with batch, act_length (tokens) or act_height and
+act_width (2-D), and act_embed.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ def conv(features: int, *, name: str, kernel: int = 3, stride: int = 1,
       dtype=dtype,
       param_dtype=jnp.float32,
       kernel_init=nn.with_logical_partitioning(
-          init, ("conv_window", "conv_window", "embed_in", "embed")),
+          init, ("conv_height", "conv_width", "embed_in", "embed")),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
       name=name,
   )

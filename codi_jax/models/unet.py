@@ -244,6 +244,10 @@ class _VideoRes(nn.Module):
                                    name="1")(h)
 
 
+_ACTIVATION_AXES = {3: ("batch", "act_length", "act_embed"),
+                    4: ("batch", "act_height", "act_width", "act_embed")}
+
+
 class TimestepSequential(nn.Module):
   """One original `TimestepEmbedSequential`: runs its layer specs, child i named "i".
 
@@ -292,8 +296,7 @@ class TimestepSequential(nn.Module):
         h = nn.silu(h)
       else:
         raise TypeError(f"unknown layer spec {spec!r}")
-      h = nn.with_logical_constraint(h, ("batch",) + ("act_spatial",) * (h.ndim - 2)
-                                     + ("act_embed",))
+      h = nn.with_logical_constraint(h, _ACTIVATION_AXES[h.ndim])
     return h
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Sequence
 
-import flax.core.meta
 import flax.linen as nn
 import jax
 import numpy as np
@@ -69,10 +68,19 @@ def sharded_init(init_fn: Callable[[], PyTree], mesh: Mesh, rules: Rules
 
   Returns (plain params, their shardings); nothing full-size is ever materialised on one device.
   """
-  abstract = jax.eval_shape(init_fn)
-  shardings = logical_shardings(abstract, mesh, rules)
-  params = jax.jit(lambda: flax.core.meta.unbox(init_fn()), out_shardings=shardings)()
+  with nn.logical_axis_rules(()):  # flax's own per-parameter constraints know no divisibility
+    abstract = jax.eval_shape(init_fn)
+    shardings = logical_shardings(abstract, mesh, rules)
+    params = jax.jit(lambda: unbox(init_fn()), out_shardings=shardings)()
   return params, shardings
+
+
+def unbox(tree: PyTree) -> PyTree:
+  """Plain arrays from `nn.LogicallyPartitioned` boxes, adding no sharding constraint (the
+  caller's out_shardings decide, with this module's divisibility-aware rules)."""
+  return jax.tree_util.tree_map(
+      lambda x: x.value if isinstance(x, nn.LogicallyPartitioned) else x, tree,
+      is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
 def place_batch(batch: PyTree, mesh: Mesh, rules: Rules, batch_axis_name: str = "batch"

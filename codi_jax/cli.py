@@ -1,0 +1,53 @@
+"""The `codi-jax` command: one entry point, one subcommand per job.
+
+  codi-jax <command> [flags]        codi-jax <command> --help
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from absl import app
+
+COMMANDS = {
+    "demo": ("codi_jax.commands.demo", "the main job (today: tiny random-weight joint sampling)"),
+    "parity": ("codi_jax.commands.parity", "compare with the original CoDi's reference fixtures"),
+    "inspect": ("codi_jax.commands.inspect", "parameter counts of a config (no memory used)"),
+}
+
+
+def usage() -> str:
+  lines = ["usage: codi-jax <command> [flags]   (codi-jax <command> --help for its flags)", "",
+           "commands:"]
+  lines += [f"  {name:10s} {summary}" for name, (_, summary) in COMMANDS.items()]
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+  argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+    print(usage())
+    sys.exit(0 if len(argv) >= 2 else 2)
+  command = argv[1]
+  if command not in COMMANDS:
+    print(f"codi-jax: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+    sys.exit(2)
+  module = importlib.import_module(COMMANDS[command][0])
+  rest = argv[2:]
+  if "-h" in rest or "--help" in rest:
+    from absl import flags
+
+    print((module.__doc__ or "").strip() + "\n\nflags:")
+    names = set()
+    for mod in (module.__name__, "codi_jax.commands.common"):
+      names |= {f.name for f in flags.FLAGS.get_flags_for_module(mod)}
+    for name in sorted(names):
+      f = flags.FLAGS[name]
+      print(f"  --{name}: {f.help}\n      (default: {f.default_as_str or 'none'})")
+    sys.exit(0)
+  app.run(lambda args: sys.exit(module.main(args)), argv=[f"codi-jax {command}"] + rest)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,1 @@
+"""The `codi-jax` subcommands; each module defines its absl flags and a `main(argv)`."""

@@ -1,0 +1,36 @@
+"""codi-jax: CoDi (Any-to-Any Generation via Composable Diffusion) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="codi-jax",
+    version="0.1.0",
+    description="JAX/Flax reimplementation of CoDi: any-to-any generation via composable "
+                "diffusion, trainable and sharded from one CPU to TPU pods.",
+    python_requires=">=3.11,<3.12",
+    packages=find_packages(include=["codi_jax", "codi_jax.*", "configs"]),
+    install_requires=[
+        "jax==0.10.2",
+        "jaxlib==0.10.2",
+        "flax==0.12.8",
+        "optax==0.2.8",
+        "orbax-checkpoint==0.12.8",
+        "grain==0.2.18",
+        "tensorflow-datasets==4.9.10",
+        "ml-collections==1.1.0",
+        "clu==0.0.12",
+        "absl-py==2.5.1",
+        "einops==0.8.2",
+        "numpy==2.4.6",
+        "pillow==13.0.0",
+        "tqdm==4.70.1",
+    ],
+    extras_require={
+        # libtpu, for AOT compilation against TPU topologies from a CPU machine.
+        "tpu": ["jax[tpu]==0.10.2"],
+        # Conversion to/from the released PyTorch weights and parity against PyTorch models.
+        "torch": ["torch==2.13.0"],
+        "test": ["pytest==9.2.0"],
+    },
+    entry_points={"console_scripts": ["codi-jax=codi_jax.cli:main"]},
+)
