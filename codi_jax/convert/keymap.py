@@ -94,13 +94,18 @@ def to_torch_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
   return out.reshape(out.shape + (1,) * (_kernel_torch_ndim(p, value.ndim) - 2))
 
 
+def torch_shape(path: tuple[str, ...], flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The original's shape of the parameter at `path` (no memory: a broadcast view)."""
+  return tuple(to_torch_layout(path, np.broadcast_to(np.zeros((), np.int8), flax_shape)).shape)
+
+
 def from_torch_layout(path: tuple[str, ...], value: np.ndarray, flax_shape: tuple[int, ...]
                       ) -> np.ndarray:
   """Original tensor -> our layout, checked against the expected Flax shape."""
   p = "/".join(path)
   rule = _rule(p)
-  expected_torch = to_torch_layout(path, np.empty(flax_shape, np.float32)).shape
-  if tuple(value.shape) != tuple(expected_torch):
+  expected_torch = torch_shape(path, flax_shape)
+  if tuple(value.shape) != expected_torch:
     raise ValueError(f"{p}: torch shape {tuple(value.shape)} != expected {expected_torch} "
                      f"(flax {flax_shape})")
   if rule.kind == "chan_gain":

@@ -107,7 +107,7 @@ def ddim_parameters(num_steps: int, eta: float = 0.0,
   if eta < 0:
     raise ValueError(f"eta must be >= 0, got {eta}")
   timesteps = np.arange(0, total, total // num_steps, dtype=np.int64) + 1
-  if timesteps[-1] >= total:  # only when S divides T with step 1: index T is out of range
+  if timesteps[-1] >= total:  # e.g. S=3: 999 + 1; the original fails here with an IndexError
     raise ValueError(f"{num_steps} DDIM steps over {total} timesteps select timestep {total}, "
                      "which does not exist")
   ac = schedule.alphas_cumprod  # float32, as the sampler sees it
