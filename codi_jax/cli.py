@@ -24,6 +24,21 @@ def usage() -> str:
   return "\n".join(lines)
 
 
+def _enable_compilation_cache() -> None:
+  """Persistent XLA cache, so a second run skips recompiling (the tiny model's random init alone
+  takes ~40 s to compile on a CPU). JAX_COMPILATION_CACHE_DIR wins; CODI_JAX_CACHE=off disables."""
+  import os
+  import pathlib
+
+  import jax
+
+  if os.environ.get("CODI_JAX_CACHE") == "off" or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return
+  cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache"))
+  jax.config.update("jax_compilation_cache_dir", str(cache / "codi-jax" / "xla"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+
+
 def main(argv: list[str] | None = None) -> None:
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
@@ -46,6 +61,10 @@ def main(argv: list[str] | None = None) -> None:
       f = flags.FLAGS[name]
       print(f"  --{name}: {f.help}\n      (default: {f.default_as_str or 'none'})")
     sys.exit(0)
+  from codi_jax.parallel.distributed import initialize_from_env
+
+  _enable_compilation_cache()
+  initialize_from_env()
   app.run(lambda args: sys.exit(module.main(args)), argv=[f"codi-jax {command}"] + rest)
 
 

@@ -5,6 +5,9 @@ import pathlib
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Subprocesses (the CLI tests) reuse compiled programs, e.g. the tiny model's random init.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(os.environ.get("TMPDIR", "/tmp"), "codi-jax-test-xla-cache"))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from codi_jax.commands import common
@@ -74,7 +76,7 @@ def main(argv: list[str]) -> int:
   outputs = [Modality.parse(m) for m in config.sample.outputs.split(",") if m]
   model_cfg = codi_config_from_dict(config.model)
   rules = tuple(tuple(r) for r in config.sharding_rules)
-  stages = tqdm(total=4, desc="demo", unit="stage")
+  stages = tqdm(total=4, desc="demo", unit="stage", disable=jax.process_index() != 0)
 
   mesh = create_mesh(dict(config.mesh.ici), dict(config.mesh.dcn))
   stages.set_postfix_str(f"init on mesh {dict(mesh.shape)}")
@@ -95,6 +97,11 @@ def main(argv: list[str]) -> int:
     cond = unit(jax.random.normal(jax.random.fold_in(rng, 1), (n, 1, d)))  # stand-in prompt
     uncond = jnp.broadcast_to(unit(jax.random.normal(jax.random.fold_in(rng, 2), (1, 1, d))),
                               cond.shape)
+    # Every process computed the same values; make them global (replicated) arrays on the mesh.
+    replicated = NamedSharding(mesh, PartitionSpec())
+    to_global = lambda a: jax.make_array_from_callback(a.shape, replicated,
+                                                       lambda idx: np.asarray(a)[idx])
+    x_T, cond, uncond = jax.tree_util.tree_map(to_global, (x_T, cond, uncond))
 
     stages.set_postfix_str("compile + first sample")
     t0 = time.perf_counter()
@@ -109,7 +116,12 @@ def main(argv: list[str]) -> int:
     steady = time.perf_counter() - t0
     stages.update()
 
-  samples = {m: np.asarray(v) for m, v in out.samples.items()}
+  samples = {m: np.asarray(v) for m, v in
+             multihost_utils.process_allgather(out.samples, tiled=True).items()}
+  stages.update()
+  stages.close()
+  if jax.process_index() != 0:  # one writer; every process ran the same computation
+    return 0
   files = []
   for m, arr in samples.items():
     if not np.all(np.isfinite(arr)):
@@ -125,7 +137,7 @@ def main(argv: list[str]) -> int:
       ddim_steps=config.sample.ddim_steps, eta=config.sample.eta,
       guidance_scale=config.sample.guidance_scale, alignment=model_cfg.alignment.value,
       num_samples=n, latent_shapes={m.value: list(s) for m, s in shapes.items()},
-      devices=len(jax.devices()), mesh=dict(mesh.shape), sampler_traces=sampler.trace_count,
+      devices=len(jax.devices()), processes=jax.process_count(), mesh=dict(mesh.shape), sampler_traces=sampler.trace_count,
       seconds_compile_and_first_sample=round(first, 3), seconds_compiled_sample=round(steady, 3),
       latent_stats={m.value: dict(mean=float(a.mean()), std=float(a.std()))
                     for m, a in samples.items()})
@@ -139,8 +151,6 @@ def main(argv: list[str]) -> int:
       f"<h1>codi-jax demo: joint latent sampling</h1><p>{html.escape(result['what'])}; "
       f"preset {config.preset}, {config.sample.ddim_steps} DDIM steps, guidance "
       f"{config.sample.guidance_scale}, alignment {model_cfg.alignment.value}.</p>\n{cells}\n"))
-  stages.update()
-  stages.close()
   print(f"\nNOTE: {result['what']}.")
   print(f"Sampled {', '.join(m.value for m in outputs)} jointly: {n} samples, "
         f"{config.sample.ddim_steps} DDIM steps; compile+first {first:.1f}s, "
