@@ -3,7 +3,22 @@
 import enum
 
 
-class Modality(str, enum.Enum):
+class _ParsedEnum(str, enum.Enum):
+  """A string enum whose `parse` accepts a member or its name (any case) and names the options."""
+
+  @classmethod
+  def parse(cls, value):
+    if isinstance(value, cls):
+      return value
+    try:
+      return cls(str(value).lower())
+    except ValueError:
+      valid = ", ".join(m.value for m in cls)
+      raise ValueError(f"unknown {cls.__name__.lower()} {value!r}; expected one of: {valid}") \
+          from None
+
+
+class Modality(_ParsedEnum):
   """A generated or conditioning modality. Image and video share one diffuser."""
 
   TEXT = "text"
@@ -11,24 +26,13 @@ class Modality(str, enum.Enum):
   VIDEO = "video"
   AUDIO = "audio"
 
-  @classmethod
-  def parse(cls, value: "str | Modality") -> "Modality":
-    """Returns the modality named `value`, or raises a ValueError that lists the valid names."""
-    if isinstance(value, Modality):
-      return value
-    try:
-      return cls(str(value).lower())
-    except ValueError:
-      valid = ", ".join(m.value for m in cls)
-      raise ValueError(f"unknown modality {value!r}; expected one of: {valid}") from None
-
   @property
   def branch(self) -> str:
     """Name of the diffuser that generates this modality (the original's `unet_*` attribute)."""
     return "unet_image" if self in (Modality.IMAGE, Modality.VIDEO) else f"unet_{self.value}"
 
 
-class Alignment(str, enum.Enum):
+class Alignment(_ParsedEnum):
   """What each output's connector cross-attention attends to in joint generation.
 
   SELF: its own environment code, as the released CoDi code does (bit-exact with its weights).
@@ -37,12 +41,3 @@ class Alignment(str, enum.Enum):
 
   SELF = "self"
   OTHERS = "others"
-
-  @classmethod
-  def parse(cls, value: "str | Alignment") -> "Alignment":
-    if isinstance(value, Alignment):
-      return value
-    try:
-      return cls(str(value).lower())
-    except ValueError:
-      raise ValueError(f"unknown alignment {value!r}; expected 'self' or 'others'") from None

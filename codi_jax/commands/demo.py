@@ -103,18 +103,16 @@ def main(argv: list[str]) -> int:
                                                        lambda idx: np.asarray(a)[idx])
     x_T, cond, uncond = jax.tree_util.tree_map(to_global, (x_T, cond, uncond))
 
-    stages.set_postfix_str("compile + first sample")
-    t0 = time.perf_counter()
-    out = sampler(params, x_T, cond, uncond, config.sample.guidance_scale, rng)
-    jax.block_until_ready(out.samples)
-    first = time.perf_counter() - t0
-    stages.update()
-    stages.set_postfix_str("second sample (compiled)")
-    t0 = time.perf_counter()
-    out = sampler(params, x_T, cond, uncond, config.sample.guidance_scale, rng)
-    jax.block_until_ready(out.samples)
-    steady = time.perf_counter() - t0
-    stages.update()
+    def timed_sample(stage: str):
+      stages.set_postfix_str(stage)
+      start = time.perf_counter()
+      result = sampler(params, x_T, cond, uncond, config.sample.guidance_scale, rng)
+      jax.block_until_ready(result.samples)
+      stages.update()
+      return result, time.perf_counter() - start
+
+    _, first = timed_sample("compile + first sample")
+    out, steady = timed_sample("second sample (compiled)")
 
   samples = {m: np.asarray(v) for m, v in
              multihost_utils.process_allgather(out.samples, tiled=True).items()}
