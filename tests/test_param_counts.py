@@ -45,3 +45,11 @@ def test_full_keys_and_shapes_equal_manifest(manifest, full_config):
   assert set(mapped) == set(expected)
   assert mapped == expected
 
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_other_presets_build(preset):
+  report = param_report.diffuser_report(codi_config_from_dict(get_config(preset).model))
+  counts = report["parameter_counts_per_component"]
+  assert set(counts) == {"unet_image_video", "unet_text", "unet_audio"}
+  assert all(v > 0 for v in report["unet_parameter_counts_main_vs_cross_modal"].values())
