@@ -29,7 +29,6 @@ def test_corrupt_fixture_is_a_failure(tmp_path):
 
 def test_missing_output_is_a_failure(fixtures_dir, monkeypatch):
   # A handler that skips an output must not pass silently.
-  import numpy as np
 
   from codi_jax.diffusion.schedule import ddpm_schedule
 

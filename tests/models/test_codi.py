@@ -1,8 +1,6 @@
 """The joint model: alignment modes, single vs joint paths, input validation."""
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from codi_jax.convert.layout import to_channels_last

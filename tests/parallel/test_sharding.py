@@ -4,10 +4,9 @@ import math
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, PartitionSpec
 
 from codi_jax.conditioning import mix_conditions
 from codi_jax.convert.layout import to_channels_last
