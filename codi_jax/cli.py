@@ -34,6 +34,10 @@ def _enable_compilation_cache() -> None:
 
   if os.environ.get("CODI_JAX_CACHE") == "off" or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     return
+  if os.environ.get("CODI_COORDINATOR"):
+    # Local multi-process runs use gloo collectives, which time out after 30 s: a cache hit in
+    # one process and a compile in another would make them reach a collective too far apart.
+    return
   cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache"))
   jax.config.update("jax_compilation_cache_dir", str(cache / "codi-jax" / "xla"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)

@@ -1,6 +1,7 @@
 """The `codi-jax` command, run as a user runs it (subprocesses)."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -84,10 +85,12 @@ def test_demo_on_two_processes_matches_one(demo_run, tmp_path):
   """Two cooperating processes (4 devices each, one global mesh) give the one-process result."""
   workdir, _ = demo_run
   multi = tmp_path / "multi"
+  # No persistent cache: both processes must compile alike to reach collectives together.
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
   proc = subprocess.run(
       ["launch/local_processes.sh", "2", "4", sys.executable, "-m", "codi_jax.cli", "demo",
        "--workdir", str(multi), *DEMO_ARGS], cwd=REPO, capture_output=True, text=True,
-      timeout=900)
+      timeout=900, env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert json.loads((multi / "result.json").read_text())["processes"] == 2
   one, two = np.load(workdir / "latents.npz"), np.load(multi / "latents.npz")
