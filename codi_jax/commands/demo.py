@@ -40,15 +40,16 @@ WORKDIR = flags.DEFINE_string("workdir", "outputs/demo", "Where the demo writes 
 
 def latent_shapes(sample, model_cfg, outputs: list[Modality]) -> dict[Modality, tuple[int, ...]]:
   n, s = sample.num_samples, sample.image_latent_size
-  table = {
-      Modality.IMAGE: (n, s, s, model_cfg.image.in_channels if model_cfg.image else 4),
-      Modality.VIDEO: (n, sample.num_frames, s, s, model_cfg.image.in_channels
-                       if model_cfg.image else 4),
-      Modality.AUDIO: (n, sample.audio_latent_frames, sample.audio_latent_bins,
-                       model_cfg.audio.in_channels if model_cfg.audio else 8),
-      Modality.TEXT: (n, model_cfg.text.in_channels if model_cfg.text else 768),
-  }
-  return {m: table[m] for m in outputs}
+  shapes = {}
+  for m in outputs:
+    branch = model_cfg.branches.get(m.branch)
+    if branch is None:
+      raise ValueError(f"the configured model has no {m.branch} to generate {m.value}")
+    c = branch.in_channels
+    shapes[m] = {Modality.IMAGE: (n, s, s, c), Modality.VIDEO: (n, sample.num_frames, s, s, c),
+                 Modality.AUDIO: (n, sample.audio_latent_frames, sample.audio_latent_bins, c),
+                 Modality.TEXT: (n, c)}[m]
+  return shapes
 
 
 def _to_uint8(x: np.ndarray) -> np.ndarray:
