@@ -29,7 +29,8 @@ from tqdm import tqdm
 from codi_jax.commands import common
 from codi_jax.diffusion.ddim import DDIMSampler, initial_noise
 from codi_jax.diffusion.schedule import ScheduleConfig
-from codi_jax.io_utils import atomic_write_json, atomic_write_npz, atomic_write_png, atomic_write_text
+from codi_jax.io_utils import (atomic_write_json, atomic_write_npz, atomic_write_png,
+                               atomic_write_text)
 from codi_jax.modality import Modality
 from codi_jax.models.codi import CoDiUNet, codi_config_from_dict, init_params
 from codi_jax.parallel.mesh import create_mesh
@@ -136,7 +137,8 @@ def main(argv: list[str]) -> int:
       ddim_steps=config.sample.ddim_steps, eta=config.sample.eta,
       guidance_scale=config.sample.guidance_scale, alignment=model_cfg.alignment.value,
       num_samples=n, latent_shapes={m.value: list(s) for m, s in shapes.items()},
-      devices=len(jax.devices()), processes=jax.process_count(), mesh=dict(mesh.shape), sampler_traces=sampler.trace_count,
+      devices=len(jax.devices()), processes=jax.process_count(), mesh=dict(mesh.shape),
+      sampler_traces=sampler.trace_count,
       seconds_compile_and_first_sample=round(first, 3), seconds_compiled_sample=round(steady, 3),
       latent_stats={m.value: dict(mean=float(a.mean()), std=float(a.std()))
                     for m, a in samples.items()})

@@ -13,18 +13,17 @@ The model is any `model_fn(params, {modality: x_t}, timesteps [B], context [B, T
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from codi_jax.diffusion.schedule import DDIMParameters, ScheduleConfig, ddim_parameters, ddpm_schedule
+from codi_jax.diffusion import Latents, ModelFn
+from codi_jax.diffusion.schedule import (DDIMParameters, ScheduleConfig, ddim_parameters,
+                                        ddpm_schedule)
 from codi_jax.modality import Modality
-
-Latents = Mapping[Modality, jax.Array]
-ModelFn = Callable[[Any, Latents, jax.Array, jax.Array], Mapping[Modality, jax.Array]]
 
 
 @flax.struct.dataclass
@@ -70,7 +69,11 @@ class DDIMSampler:
   def __call__(self, params: Any, x_T: Latents, cond: jax.Array, uncond: jax.Array | None = None,
                guidance_scale: float | jax.Array = 7.5, rng: jax.Array | None = None
                ) -> SampleOutput:
-    if not x_T:
+    return self._jitted(params, *self._inputs(x_T, cond, uncond, guidance_scale, rng))
+
+  def _inputs(self, x, cond, uncond, guidance_scale, rng):
+    """Validated, normalised (x, cond, uncond, scale, rng) for the jitted functions."""
+    if not x:
       raise ValueError("at least one output modality is required")
     if self.guided:
       if uncond is None:
@@ -79,10 +82,9 @@ class DDIMSampler:
         raise ValueError(f"uncond {uncond.shape} and cond {cond.shape} contexts differ in shape")
     if self.eta > 0 and rng is None:
       raise ValueError("eta > 0 needs an rng for the per-step noise")
-    rng = jax.random.key(0) if rng is None else rng
-    uncond = cond if uncond is None else uncond
-    x_T = {Modality.parse(k): v for k, v in x_T.items()}
-    return self._jitted(params, x_T, cond, uncond, jnp.asarray(guidance_scale, jnp.float32), rng)
+    x = {Modality.parse(k): v for k, v in x.items()}
+    return (x, cond, cond if uncond is None else uncond,
+            jnp.asarray(guidance_scale, jnp.float32), jax.random.key(0) if rng is None else rng)
 
   def _eps(self, params, x, t, cond, uncond, scale):
     batch = t.shape[0]
@@ -141,7 +143,5 @@ class DDIMSampler:
     if not 0 <= step < self.parameters.num_steps:
       raise ValueError(f"step {step} out of range [0, {self.parameters.num_steps})")
     s = {k: v[step] for k, v in self._per_step().items()}
-    rng = jax.random.key(0) if rng is None else rng
-    uncond = cond if uncond is None else uncond
-    return self._jitted_step(params, {Modality.parse(k): v for k, v in x.items()}, s, cond,
-                             uncond, jnp.asarray(guidance_scale, jnp.float32), rng)
+    x, cond, uncond, scale, rng = self._inputs(x, cond, uncond, guidance_scale, rng)
+    return self._jitted_step(params, x, s, cond, uncond, scale, rng)

@@ -7,16 +7,14 @@ modalities. Non-finite losses are zeroed as in the original (`nan_to_num`).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 
+from codi_jax.diffusion import ModelFn
 from codi_jax.diffusion.schedule import ScheduleConfig, ddpm_schedule
 from codi_jax.modality import Modality
-
-ModelFn = Callable[[Any, Mapping[Modality, jax.Array], jax.Array, jax.Array],
-                   Mapping[Modality, jax.Array]]
 
 
 def add_noise(x0: jax.Array, noise: jax.Array, t: jax.Array,

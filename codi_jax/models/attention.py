@@ -146,7 +146,7 @@ class _Blocks(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-  """x [N, *spatial, C], context [N, S, Dc] -> [N, *spatial, C]; tokens are the spatial positions."""
+  """x [N, *spatial, C], context [N, S, Dc] -> [N, *spatial, C]; tokens = spatial positions."""
 
   heads: int
   dim_head: int

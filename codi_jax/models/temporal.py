@@ -140,7 +140,7 @@ def _split_channels(x: jax.Array, chunks: int) -> list[jax.Array]:
 
 
 class VideoFeedForward(nn.Module):
-  """`ff`: 1x1x1 conv C -> 2I, GEGLU (float32), token shift, channel LayerNorm, 1x1x1 conv I -> C."""
+  """`ff`: 1x1x1 conv C -> 2I, GEGLU (float32), token shift, channel LN, 1x1x1 conv I -> C."""
 
   dtype: Dtype = jnp.float32
 

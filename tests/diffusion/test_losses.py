@@ -14,7 +14,8 @@ def test_add_noise_matches_schedule():
   x0, noise = jnp.ones((2, 3)), jnp.full((2, 3), 2.0)
   t = jnp.array([0, 999])
   out = add_noise(x0, noise, t)
-  expected = s.sqrt_alphas_cumprod[[0, 999], None] + 2 * s.sqrt_one_minus_alphas_cumprod[[0, 999], None]
+  idx = [0, 999]
+  expected = s.sqrt_alphas_cumprod[idx, None] + 2 * s.sqrt_one_minus_alphas_cumprod[idx, None]
   np.testing.assert_allclose(out, np.broadcast_to(expected, (2, 3)), rtol=1e-6)
 
 

@@ -47,7 +47,8 @@ def test_full_size_kernels_over_1mib_are_sharded_on_fsdp_mesh():
   mesh = create_mesh({"fsdp": 8, "data": 1})
   abstract = param_shapes(codi_config_from_dict(get_config("full").model))
   shardings = logical_shardings(abstract, mesh, SHARDING_RULES)
-  boxes = jax.tree_util.tree_leaves(abstract, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  boxes = jax.tree_util.tree_leaves(
+      abstract, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
   leaves = jax.tree_util.tree_leaves(shardings)
   assert len(boxes) == len(leaves) > 3000
   big = 0
