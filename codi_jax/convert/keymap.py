@@ -1,25 +1,25 @@
-"""Key map between the original PyTorch state-dict names and our Flax parameter trees.
+"""Key maps between the original PyTorch state-dict names and our Flax parameter trees.
 
-Our module tree mirrors the original (`codi_jax.models.*` name every child after its torch
+Our module trees mirror the original's (`codi_jax.models.*` name every child after its torch
 attribute or index), so a Flax path maps to a torch key by joining the path with "." and renaming
-the leaf by the explicit table `LEAF_RULES` below. The table also fixes each leaf's layout change:
+the leaf by an explicit rule table. Each rule also fixes the leaf's layout change. One `KeyMap`
+per model family; rules are tried in order, the first match wins:
 
-  flax leaf                           torch leaf        layout (torch <- flax)
-  */temporal_attn/norm/scale          g                 [C]            <- [C]
-  */ff/proj_out/0/scale               g                 [I, 1, 1, 1]   <- [I]
-  */pos_embeds, */frame_rate_embeds   same              identity
-  */scale                             weight            identity (GroupNorm/LayerNorm)
-  */bias                              bias              identity
-  */ff/proj_in/0/kernel, /proj_out/1  weight            [O, I, 1, 1, 1] <- [I, O]  (Conv3d 1x1x1)
-  */proj_in|proj_out/kernel (2-D),
-  */in_layers/2|out_layers/3|skip_connection/kernel (2-D)
-                                      weight            [O, I, 1, 1]   <- [I, O]  (Conv2d 1x1)
-  */kernel (4-D)                      weight            [O, I, kh, kw] <- [kh, kw, I, O]
-  */kernel (2-D, otherwise)           weight            [O, I]         <- [I, O]  (Linear)
+  kind              torch layout        <- flax layout
+  identity          same                <- same
+  chan_gain         [C, 1, 1, 1]        <- [C]                 (video ChanLayerNorm gain)
+  conv1x1           [O, I, 1, 1]        <- [I, O]              (1x1 Conv2d stored as a Dense;
+                                                               a 4-D kernel is a plain Conv2d)
+  conv1x1x1         [O, I, 1, 1, 1]     <- [I, O]              (1x1x1 Conv3d stored as a Dense)
+  conv_transpose1d  [I, O, k]           <- [k, O, I]           (lax.conv_transpose, transpose_kernel)
+  kernel            [O, I, kh, kw]      <- [kh, kw, I, O]      (Conv2d)
+                    [O, I, k]           <- [k, I, O]           (Conv1d)
+                    [O, I]              <- [I, O]              (Linear)
 
 Conversion walks OUR tree (from `jax.eval_shape`, so nothing is materialised), looks up every
-expected torch key, checks shapes, and reports missing, unexpected and mismatched keys.
-Nothing is ever silently skipped.
+expected torch key, checks shapes, and reports missing, unexpected and mismatched keys. Known
+deterministic buffers (causal masks, STFT bases) are matched by the family's `buffers` patterns
+and counted apart. Nothing is ever silently skipped.
 """
 
 from __future__ import annotations
@@ -34,10 +34,6 @@ import numpy as np
 
 PyTree = Any
 
-_CONV3D_1x1 = re.compile(r"/ff/(proj_in/0|proj_out/1)/kernel$")
-_CONV2D_1x1 = re.compile(
-    r"/(proj_in|proj_out)/kernel$|/(in_layers/2|out_layers/3|skip_connection)/kernel$")
-
 
 @dataclasses.dataclass(frozen=True)
 class LeafRule:
@@ -46,75 +42,44 @@ class LeafRule:
   kind: str
 
 
-LEAF_RULES: tuple[LeafRule, ...] = (
-    LeafRule(re.compile(r"/temporal_attn/norm/scale$"), "g", "identity"),
-    LeafRule(re.compile(r"/ff/proj_out/0/scale$"), "g", "chan_gain"),
-    LeafRule(re.compile(r"/(pos_embeds|frame_rate_embeds)$"), None, "identity"),
-    LeafRule(re.compile(r"/scale$"), "weight", "identity"),
-    LeafRule(re.compile(r"/bias$"), "bias", "identity"),
-    LeafRule(re.compile(r"/kernel$"), "weight", "kernel"),
+def rule(pattern: str, torch_leaf: str | None, kind: str) -> LeafRule:
+  return LeafRule(re.compile(pattern), torch_leaf, kind)
+
+
+def _kernel_to_torch(v: np.ndarray) -> np.ndarray:
+  if v.ndim == 4:
+    return v.transpose(3, 2, 0, 1)
+  if v.ndim == 3:
+    return v.transpose(2, 1, 0)
+  return v.T
+
+
+def _kernel_from_torch(v: np.ndarray) -> np.ndarray:
+  if v.ndim == 4:
+    return v.transpose(2, 3, 1, 0)
+  if v.ndim == 3:
+    return v.transpose(2, 1, 0)
+  return v.T
+
+
+# kind -> (flax -> torch, torch -> flax given the flax shape)
+_LAYOUTS: dict[str, tuple[Callable, Callable]] = {
+    "identity": (lambda v: v, lambda v, s: v),
+    "chan_gain": (lambda v: v.reshape(-1, 1, 1, 1), lambda v, s: v.reshape(s)),
+    "conv1x1": (lambda v: v.T[:, :, None, None] if v.ndim == 2 else _kernel_to_torch(v),
+                lambda v, s: v[:, :, 0, 0].T if len(s) == 2 else _kernel_from_torch(v)),
+    "conv1x1x1": (lambda v: v.T[:, :, None, None, None], lambda v, s: v[:, :, 0, 0, 0].T),
+    "conv_transpose1d": (lambda v: v.transpose(2, 1, 0), lambda v, s: v.transpose(2, 1, 0)),
+    "kernel": (_kernel_to_torch, lambda v, s: _kernel_from_torch(v)),
+}
+
+# Leaves every family shares: norm scales/biases and plain conv/linear kernels.
+COMMON_RULES: tuple[LeafRule, ...] = (
+    rule(r"/scale$", "weight", "identity"),
+    rule(r"/bias$", "bias", "identity"),
+    rule(r"/embedding$", "weight", "identity"),
+    rule(r"/kernel$", "weight", "kernel"),
 )
-
-
-def _rule(path: str) -> LeafRule:
-  for rule in LEAF_RULES:
-    if rule.pattern.search("/" + path):
-      return rule
-  raise KeyError(f"no key-map rule for parameter {path!r}")
-
-
-def torch_key(path: tuple[str, ...], prefix: str = "") -> str:
-  """The torch state-dict key of the Flax parameter at `path`."""
-  rule = _rule("/".join(path))
-  leaf = path[-1] if rule.torch_leaf is None else rule.torch_leaf
-  return prefix + ".".join(path[:-1] + (leaf,))
-
-
-def _kernel_torch_ndim(path: str, flax_ndim: int) -> int:
-  if flax_ndim == 4:
-    return 4
-  if _CONV3D_1x1.search("/" + path):
-    return 5
-  if _CONV2D_1x1.search("/" + path):
-    return 4
-  return 2
-
-
-def to_torch_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
-  """Flax array -> the original's tensor layout."""
-  p = "/".join(path)
-  rule = _rule(p)
-  if rule.kind == "chan_gain":
-    return value.reshape(-1, 1, 1, 1)
-  if rule.kind == "identity":
-    return value
-  if value.ndim == 4:
-    return value.transpose(3, 2, 0, 1)  # [kh, kw, I, O] -> [O, I, kh, kw]
-  out = value.T  # [I, O] -> [O, I]
-  return out.reshape(out.shape + (1,) * (_kernel_torch_ndim(p, value.ndim) - 2))
-
-
-def torch_shape(path: tuple[str, ...], flax_shape: tuple[int, ...]) -> tuple[int, ...]:
-  """The original's shape of the parameter at `path` (no memory: a broadcast view)."""
-  return tuple(to_torch_layout(path, np.broadcast_to(np.zeros((), np.int8), flax_shape)).shape)
-
-
-def from_torch_layout(path: tuple[str, ...], value: np.ndarray, flax_shape: tuple[int, ...]
-                      ) -> np.ndarray:
-  """Original tensor -> our layout, checked against the expected Flax shape."""
-  p = "/".join(path)
-  rule = _rule(p)
-  expected_torch = torch_shape(path, flax_shape)
-  if tuple(value.shape) != expected_torch:
-    raise ValueError(f"{p}: torch shape {tuple(value.shape)} != expected {expected_torch} "
-                     f"(flax {flax_shape})")
-  if rule.kind == "chan_gain":
-    return value.reshape(flax_shape)
-  if rule.kind == "identity":
-    return value
-  if len(flax_shape) == 4:
-    return value.transpose(2, 3, 1, 0)
-  return value.reshape(value.shape[:2]).T
 
 
 @dataclasses.dataclass
@@ -122,6 +87,7 @@ class ConversionReport:
   """What a conversion found; `check()` raises if anything is off."""
 
   loaded: int = 0
+  buffers: int = 0
   missing: list[str] = dataclasses.field(default_factory=list)
   unexpected: list[str] = dataclasses.field(default_factory=list)
   mismatched: list[str] = dataclasses.field(default_factory=list)
@@ -131,7 +97,7 @@ class ConversionReport:
     return not (self.missing or self.unexpected or self.mismatched)
 
   def summary(self, limit: int = 20) -> str:
-    lines = [f"loaded {self.loaded} tensors"]
+    lines = [f"loaded {self.loaded} tensors ({self.buffers} known buffers recomputed)"]
     for name in ("missing", "unexpected", "mismatched"):
       keys = getattr(self, name)
       if keys:
@@ -145,45 +111,127 @@ class ConversionReport:
       raise KeyError("checkpoint does not match the model:\n" + self.summary())
 
 
-def torch_to_flax(state: Mapping[str, np.ndarray], target: PyTree, *, prefix: str = "",
-                  owns: Callable[[str], bool] | None = None,
-                  dtype: Any = np.float32) -> tuple[PyTree, ConversionReport]:
-  """Builds our params from an original state dict.
+@dataclasses.dataclass(frozen=True)
+class KeyMap:
+  """One model family's rule table plus the torch buffers it recomputes instead of loading."""
 
-  Args:
-    state: torch key -> array (float16 values are widened to `dtype`).
-    target: our param tree, or its `jax.eval_shape` (anything with `.shape` leaves).
-    prefix: prepended to every torch key (e.g. "model.diffusion_model.").
-    owns: which state keys this tree is responsible for (default: keys starting with the
-      prefix + a top-level name of `target`); owned keys that map to nothing are "unexpected".
-  Returns:
-    (params, report). Missing or mismatched leaves are absent from params; call report.check().
-  """
-  flat = flax.traverse_util.flatten_dict(flax.core.meta.unbox(target))
-  report = ConversionReport()
-  out = {}
-  used = set()
-  for path, leaf in flat.items():
-    key = torch_key(path, prefix)
-    if key not in state:
-      report.missing.append(key)
-      continue
-    used.add(key)
-    try:
-      value = from_torch_layout(path, np.asarray(state[key]), tuple(leaf.shape))
-    except ValueError as e:
-      report.mismatched.append(f"{key}: {e}")
-      continue
-    out[path] = value.astype(dtype) if np.issubdtype(value.dtype, np.floating) else value
-    report.loaded += 1
-  if owns is None:
-    tops = tuple(prefix + name + "." for name in {p[0] for p in flat})
-    owns = lambda k: k.startswith(tops)
-  report.unexpected = sorted(k for k in state if owns(k) and k not in used)
-  return flax.traverse_util.unflatten_dict(out), report
+  rules: tuple[LeafRule, ...]
+  buffers: tuple[re.Pattern, ...] = ()
+
+  def _rule(self, path: tuple[str, ...]) -> LeafRule:
+    p = "/" + "/".join(path)
+    for r in self.rules:
+      if r.pattern.search(p):
+        return r
+    raise KeyError(f"no key-map rule for parameter {'/'.join(path)!r}")
+
+  def torch_key(self, path: tuple[str, ...], prefix: str = "") -> str:
+    """The torch state-dict key of the Flax parameter at `path`."""
+    r = self._rule(path)
+    leaf = path[-1] if r.torch_leaf is None else r.torch_leaf
+    return prefix + ".".join(path[:-1] + (leaf,))
+
+  def to_torch(self, path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+    """Flax array -> the original's tensor layout."""
+    return _LAYOUTS[self._rule(path).kind][0](value)
+
+  def torch_shape(self, path: tuple[str, ...], flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The original's shape of the parameter at `path` (no memory: a broadcast view)."""
+    return tuple(self.to_torch(path, np.broadcast_to(np.zeros((), np.int8), flax_shape)).shape)
+
+  def from_torch(self, path: tuple[str, ...], value: np.ndarray, flax_shape: tuple[int, ...]
+                 ) -> np.ndarray:
+    """Original tensor -> our layout, checked against the expected Flax shape."""
+    expected = self.torch_shape(path, flax_shape)
+    if tuple(value.shape) != expected:
+      raise ValueError(f"{'/'.join(path)}: torch shape {tuple(value.shape)} != expected "
+                       f"{expected} (flax {flax_shape})")
+    return _LAYOUTS[self._rule(path).kind][1](value, flax_shape)
+
+  def is_buffer(self, key: str) -> bool:
+    return any(p.search(key) for p in self.buffers)
+
+  def to_flax(self, state: Mapping[str, np.ndarray], target: PyTree, *, prefix: str = "",
+              owns: Callable[[str], bool] | None = None,
+              dtype: Any = np.float32) -> tuple[PyTree, ConversionReport]:
+    """Builds our params from an original state dict.
+
+    Args:
+      state: torch key -> array (floating values are cast to `dtype`).
+      target: our param tree, or its `jax.eval_shape` (anything with `.shape` leaves).
+      prefix: prepended to every torch key (e.g. "model.diffusion_model.").
+      owns: which state keys this tree is responsible for (default: keys starting with the
+        prefix + a top-level name of `target`); owned keys that map to nothing and are not
+        known buffers are "unexpected".
+    Returns:
+      (params, report). Missing or mismatched leaves are absent from params; call
+      report.check().
+    """
+    flat = flax.traverse_util.flatten_dict(flax.core.meta.unbox(target))
+    report = ConversionReport()
+    out = {}
+    used = set()
+    for path, leaf in flat.items():
+      key = self.torch_key(path, prefix)
+      if key not in state:
+        report.missing.append(key)
+        continue
+      used.add(key)
+      try:
+        value = self.from_torch(path, np.asarray(state[key]), tuple(leaf.shape))
+      except ValueError as e:
+        report.mismatched.append(f"{key}: {e}")
+        continue
+      out[path] = value.astype(dtype) if np.issubdtype(value.dtype, np.floating) else value
+      report.loaded += 1
+    if owns is None:
+      tops = tuple(prefix + name + "." for name in {p[0] for p in flat})
+      owns = lambda k: k.startswith(tops)
+    for k in sorted(state):
+      if owns(k) and k not in used:
+        if self.is_buffer(k[len(prefix):] if k.startswith(prefix) else k):
+          report.buffers += 1
+        else:
+          report.unexpected.append(k)
+    return flax.traverse_util.unflatten_dict(out), report
+
+  def to_state(self, params: PyTree, *, prefix: str = "") -> dict[str, np.ndarray]:
+    """Our params -> {original key: array in the original layout}."""
+    flat = flax.traverse_util.flatten_dict(flax.core.meta.unbox(params))
+    return {self.torch_key(p, prefix): self.to_torch(p, np.asarray(v)) for p, v in flat.items()}
 
 
-def flax_to_torch(params: PyTree, *, prefix: str = "") -> dict[str, np.ndarray]:
-  """Our params -> {original key: array in the original layout}."""
-  flat = flax.traverse_util.flatten_dict(flax.core.meta.unbox(params))
-  return {torch_key(p, prefix): to_torch_layout(p, np.asarray(v)) for p, v in flat.items()}
+# The diffusers (`codi_jax.models.{unet,unet_text,temporal,codi}`).
+UNET = KeyMap(rules=(
+    rule(r"/temporal_attn/norm/scale$", "g", "identity"),
+    rule(r"/ff/proj_out/0/scale$", "g", "chan_gain"),
+    rule(r"/(pos_embeds|frame_rate_embeds)$", None, "identity"),
+    rule(r"/ff/(proj_in/0|proj_out/1)/kernel$", "weight", "conv1x1x1"),
+    rule(r"/(proj_in|proj_out|in_layers/2|out_layers/3|skip_connection)/kernel$", "weight",
+         "conv1x1"),
+) + COMMON_RULES)
+
+# --- Autoencoders, vocoder and text VAE (issue 3). Keys relative to `autokl.`, `audioldm.`,
+# `audioldm.vocoder.` and `optimus.`.
+
+# KL VAEs (image `autokl`, audio `audioldm`): plain convs, GroupNorms, 1x1-conv attention.
+# The AudioLDM mel front-end's STFT/mel bases are deterministic buffers we compute.
+AUTOENCODER = KeyMap(rules=COMMON_RULES, buffers=(re.compile(r"^fn_STFT\."),))
+
+# HiFi-GAN (weight norm removed): Conv1d everywhere, ConvTranspose1d in `ups`.
+VOCODER = KeyMap(rules=(rule(r"/ups/\d+/kernel$", "weight", "conv_transpose1d"),) + COMMON_RULES)
+
+# Optimus: BERT Linear layers are [out, in]; GPT-2's `Conv1D` stores [in, out] as we do. The
+# causal-mask buffers and the tied `lm_head` (= `wte`) are not separate parameters.
+OPTIMUS = KeyMap(
+    rules=(rule(r"/(c_attn|c_proj|c_fc)/kernel$", "weight", "identity"),) + COMMON_RULES,
+    buffers=(re.compile(r"\.attn\.(bias|masked_bias)$"), re.compile(r"(^|\.)lm_head\.weight$")),
+)
+
+# Module-level shortcuts for the diffusers' map (the most used one).
+torch_key = UNET.torch_key
+torch_shape = UNET.torch_shape
+to_torch_layout = UNET.to_torch
+from_torch_layout = UNET.from_torch
+torch_to_flax = UNET.to_flax
+flax_to_torch = UNET.to_state

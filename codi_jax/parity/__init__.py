@@ -2,7 +2,8 @@
 
 For every fixture file, a handler chosen by the fixture's `component` builds our module from the
 fixture's own config, loads its weights through the key map, runs every case and returns the
-outputs it computed. Every stored output is then compared; a stored output the handler did not
+outputs it computed (keys `<output name>`, and `input/<name>` for stored inputs it can recompute,
+such as token ids from the stored texts). Every stored output is then compared; a stored output the handler did not
 compute, a file no handler knows, or a handler error is a failure, never a skip.
 """
 
@@ -81,6 +82,14 @@ def check_file(path: pathlib.Path) -> dict[str, Row]:
       continue
     value, tol = produced[key]
     rows[key] = compare(np.asarray(expected), np.asarray(value), tol)
+  # Handlers may also recompute stored inputs (e.g. token ids from the stored texts).
+  for key in sorted(k for k in produced if k.startswith("input/")):
+    name = key[len("input/"):]
+    if name not in fx.inputs:
+      rows[key] = Row(float("inf"), 0.0, False, "no such stored input")
+      continue
+    value, tol = produced[key]
+    rows[key] = compare(np.asarray(fx.inputs[name]), np.asarray(value), tol)
   if not rows:
     rows["<file>"] = Row(float("inf"), 0.0, False, "fixture stores no outputs")
   return rows
