@@ -55,6 +55,7 @@ SHARDING_RULES = (
     ("heads", "tensor"),
     ("mlp", "fsdp"),
     ("heads", "fsdp"),
+    ("vocab", "tensor"),
     ("act_length", "context"),
     ("act_height", "context"),
     ("act_width", None),
@@ -62,6 +63,7 @@ SHARDING_RULES = (
     ("norm", None),
     ("conv_height", None),
     ("conv_width", None),
+    ("position", None),
     ("frames", None),
     ("unmodeled", None),
 )
