@@ -23,6 +23,8 @@ setup(
         "einops==0.8.2",
         "numpy==2.4.6",
         "pillow==13.0.0",
+        "regex==2026.11.19",
+        "ftfy==6.1.1",
         "tqdm==4.70.1",
     ],
     extras_require={

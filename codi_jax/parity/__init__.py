@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from codi_jax.parity import diffusion, vocoder
+from codi_jax.parity import clip, diffusion, optimus, vocoder
 from codi_jax.parity.fixtures import Fixture, load_fixture
 
 Handler = Callable[[Fixture], diffusion.Produced]
@@ -26,6 +26,8 @@ Handler = Callable[[Fixture], diffusion.Produced]
 HANDLERS: tuple[tuple[str, Handler], ...] = (
     ("openai_unet_codi", diffusion.unet_outputs),
     ("DDIMSampler_VD", diffusion.ddim_outputs),
+    ("optimus = optimus_vae", optimus.optimus_outputs),
+    ("clip = FrozenCLIP", clip.clip_outputs),
     ("HiFi-GAN Generator", vocoder.vocoder_outputs),
 )
 
