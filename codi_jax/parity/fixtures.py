@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 from typing import Any
 
@@ -22,6 +23,7 @@ class Fixture:
   weights: dict[str, np.ndarray]
   inputs: dict[str, np.ndarray]
   outputs: dict[str, np.ndarray]
+  meta: dict[str, Any]  # `meta/<name>` strings, JSON-decoded
 
   @property
   def name(self) -> str:
@@ -30,6 +32,17 @@ class Fixture:
   @property
   def component(self) -> str:
     return str(self.config.get("component", ""))
+
+  def vocab_file(self, name: str) -> pathlib.Path:
+    """A real tokenizer vocabulary file: from $CODI_TOKENIZERS, else `shared/tokenizers` next to
+    the `shared/fixtures/<set>/` folder this fixture lives in."""
+    directory = pathlib.Path(os.environ.get("CODI_TOKENIZERS",
+                                            self.path.resolve().parents[2] / "tokenizers"))
+    path = directory / name
+    if not path.is_file():
+      raise FileNotFoundError(f"{self.name} needs the tokenizer file {path} (set CODI_TOKENIZERS "
+                              "to the folder holding the real vocabularies)")
+    return path
 
 
 def load_fixture(path: str | pathlib.Path) -> Fixture:
@@ -42,13 +55,15 @@ def load_fixture(path: str | pathlib.Path) -> Fixture:
     if "config_json" not in z.files:
       raise ValueError(f"{path}: no config_json entry; not a CoDi reference fixture")
     config = json.loads(str(z["config_json"]))
-    weights, inputs, outputs = {}, {}, {}
+    weights, inputs, outputs, meta = {}, {}, {}, {}
     for key in z.files:
       value = z[key]
       if key.startswith("input/"):
         inputs[key[len("input/"):]] = value
       elif key.startswith("output/"):
         outputs[key[len("output/"):]] = value
+      elif key.startswith("meta/"):
+        meta[key[len("meta/"):]] = json.loads(str(value))
       elif "/" not in key and key != "config_json":
         weights[key] = value.astype(np.float32) if value.dtype == np.float16 else value
-  return Fixture(path, config, weights, inputs, outputs)
+  return Fixture(path, config, weights, inputs, outputs, meta)
