@@ -8,6 +8,8 @@ per model family; rules are tried in order, the first match wins:
   kind              torch layout        <- flax layout
   identity          same                <- same
   chan_gain         [C, 1, 1, 1]        <- [C]                 (video ChanLayerNorm gain)
+  chan_gain1d       [1, C, 1]           <- [C]                 (CLIP video ChanLayerNorm gain)
+  conv1x1_1d        [O, I, 1]           <- [I, O]              (1x1 Conv1d stored as a Dense)
   conv1x1           [O, I, 1, 1]        <- [I, O]              (1x1 Conv2d stored as a Dense;
                                                                a 4-D kernel is a plain Conv2d)
   conv1x1x1         [O, I, 1, 1, 1]     <- [I, O]              (1x1x1 Conv3d stored as a Dense)
@@ -69,6 +71,8 @@ _LAYOUTS: dict[str, tuple[Callable, Callable]] = {
     "conv1x1": (lambda v: v.T[:, :, None, None] if v.ndim == 2 else _kernel_to_torch(v),
                 lambda v, s: v[:, :, 0, 0].T if len(s) == 2 else _kernel_from_torch(v)),
     "conv1x1x1": (lambda v: v.T[:, :, None, None, None], lambda v, s: v[:, :, 0, 0, 0].T),
+    "conv1x1_1d": (lambda v: v.T[:, :, None], lambda v, s: v[:, :, 0].T),
+    "chan_gain1d": (lambda v: v.reshape(1, -1, 1), lambda v, s: v.reshape(s)),
     "conv_transpose1d": (lambda v: v.transpose(2, 1, 0), lambda v, s: v.transpose(2, 1, 0)),
     "kernel": (_kernel_to_torch, lambda v, s: _kernel_from_torch(v)),
 }
@@ -226,6 +230,34 @@ VOCODER = KeyMap(rules=(rule(r"/ups/\d+/kernel$", "weight", "conv_transpose1d"),
 OPTIMUS = KeyMap(
     rules=(rule(r"/(c_attn|c_proj|c_fc)/kernel$", "weight", "identity"),) + COMMON_RULES,
     buffers=(re.compile(r"\.attn\.(bias|masked_bias)$"), re.compile(r"(^|\.)lm_head\.weight$")),
+)
+
+# CLIP (`codi_jax.models.clip.CLIPModel`; keys relative to `clip.`, prefix "model."). The vision
+# temporal block stores 1x1 Conv1d kernels [O, I, 1] (Dense [I, O] here) and a ChanLayerNorm gain
+# [1, C, 1]; the `position_ids` index buffers are recomputed.
+CLIP = KeyMap(
+    rules=(
+        rule(r"/temporal_attn/norm/scale$", "g", "identity"),
+        rule(r"/ff/proj_out/0/scale$", "g", "chan_gain1d"),
+        rule(r"/ff/(proj_in/0|proj_out/1)/kernel$", "weight", "conv1x1_1d"),
+        rule(r"/(pos_embeds|frame_rate_embeds|class_embedding|logit_scale)$", None, "identity"),
+    ) + COMMON_RULES,
+    buffers=(re.compile(r"(^|\.)position_ids$"),),
+)
+
+# CLAP audio tower (`codi_jax.models.clap`; keys relative to `clap.`, prefix "model."). bn0's
+# running statistics are our `batch_stats` collection (`bn0/mean`, `bn0/var`); the Swin
+# relative-position indices, shifted-window masks, bn0's batch counter and the torchlibrosa
+# STFT/mel constants are recomputed.
+CLAP = KeyMap(
+    rules=(
+        rule(r"/bn0/mean$", "running_mean", "identity"),
+        rule(r"/bn0/var$", "running_var", "identity"),
+        rule(r"/relative_position_bias_table$", None, "identity"),
+    ) + COMMON_RULES,
+    buffers=(re.compile(r"\.attn\.relative_position_index$"), re.compile(r"\.attn_mask$"),
+             re.compile(r"\.bn0\.num_batches_tracked$"),
+             re.compile(r"^audio_branch\.(spectrogram_extractor|logmel_extractor)\.")),
 )
 
 # Module-level shortcuts for the diffusers' map (the most used one).

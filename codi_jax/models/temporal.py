@@ -148,15 +148,17 @@ class VideoFeedForward(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:  # [B, F, H, W, C]
     c = x.shape[-1]
     inner = int(c * 4 * 2 / 3)
-    h = _ProjIn(2 * inner, dtype=self.dtype, name="proj_in")(x).astype(jnp.float32)
+    h = FeedForwardIn(2 * inner, dtype=self.dtype, name="proj_in")(x).astype(jnp.float32)
     h, gate = jnp.split(h, 2, axis=-1)
     h = h * jax.nn.gelu(gate, approximate=False)  # [B, F, H, W, I]
     keep, shifted = _split_channels(h, 2)
     h = jnp.concatenate([keep, _shift_frames(shifted, 1)], axis=-1)
-    return _ProjOut(c, dtype=self.dtype, name="proj_out")(h)
+    return FeedForwardOut(c, dtype=self.dtype, name="proj_out")(h)
 
 
-class _ProjIn(nn.Module):
+class FeedForwardIn(nn.Module):
+  """`proj_in`: `Sequential(1x1 conv)` as a bias-free Dense (child `0`); shared with CLIP video."""
+
   features: int
   dtype: Dtype = jnp.float32
 
@@ -165,8 +167,8 @@ class _ProjIn(nn.Module):
     return dense(self.features, ("embed", "mlp"), name="0", dtype=self.dtype, use_bias=False)(x)
 
 
-class _ProjOut(nn.Module):
-  """`Sequential(ChanLayerNorm, Conv3d)`: children `0` (gain `g`) and `1`."""
+class FeedForwardOut(nn.Module):
+  """`Sequential(ChanLayerNorm, 1x1 conv)`: children `0` (gain `g`) and `1`; shared with CLIP."""
 
   features: int
   dtype: Dtype = jnp.float32
