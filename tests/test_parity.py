@@ -1,8 +1,12 @@
 """Parity with the original CoDi code on the reference fixtures (the `codi-jax parity` path)."""
 
+import json
+
+import numpy as np
 import pytest
 
 from codi_jax import parity
+from codi_jax.parity.fixtures import load_fixture
 
 
 @pytest.mark.parametrize("name", ["unet_codi", "ddim_sampler", "unet_codi_layout"])
@@ -13,9 +17,16 @@ def test_fixture_matches_original(fixtures_dir, name):
   assert len(rows) >= 20  # every case was compared, not a lone error row
 
 
-def test_unknown_component_is_a_failure_not_a_skip(fixtures_dir, tmp_path):
-  # autokl is not handled by the diffusion core: it must be reported as a failing file.
-  rows = parity.check_file(fixtures_dir / "autokl.npz")
+def test_every_fixture_has_a_handler(fixtures_dir):
+  for path in parity.fixture_files(fixtures_dir):
+    assert parity._handler(load_fixture(path)) is not None, path.name
+
+
+def test_unknown_component_is_a_failure_not_a_skip(tmp_path):
+  path = tmp_path / "mystery.npz"
+  np.savez(path, config_json=np.asarray(json.dumps({"component": "SomethingElse"})),
+           **{"output/y": np.zeros(3, np.float32)})
+  rows = parity.check_file(path)
   assert list(rows) == ["<file>"]
   assert not rows["<file>"].passed and "no parity handler" in rows["<file>"].error
 

@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from codi_jax.parity import clip, diffusion, optimus, vocoder
+from codi_jax.parity import autoencoder, clap, clip, diffusion, optimus, vocoder
 from codi_jax.parity.fixtures import Fixture, load_fixture
 
 Handler = Callable[[Fixture], diffusion.Produced]
@@ -25,9 +25,12 @@ Handler = Callable[[Fixture], diffusion.Produced]
 # component prefix (as written by the fixture generator) -> handler
 HANDLERS: tuple[tuple[str, Handler], ...] = (
     ("openai_unet_codi", diffusion.unet_outputs),
+    ("autokl = AutoencoderKL", autoencoder.autokl_outputs),
+    ("audioldm = AudioAutoencoderKL", autoencoder.audioldm_outputs),
     ("DDIMSampler_VD", diffusion.ddim_outputs),
     ("optimus = optimus_vae", optimus.optimus_outputs),
     ("clip = FrozenCLIP", clip.clip_outputs),
+    ("clap = CLAPAudioEmbeddingClassifier", clap.clap_outputs),
     ("HiFi-GAN Generator", vocoder.vocoder_outputs),
 )
 
