@@ -1,7 +1,8 @@
 """Parameter counts per component from `jax.eval_shape` (no memory), in the manifest's structure.
 
 `manifest_full.json` (the original's full state dict) names components `unet_image_video`,
-`unet_text`, `unet_audio`, ... and splits each UNet into `main` and `cross_modal/<subtree>`.
+`unet_text`, `unet_audio`, `autokl`, `audioldm_vae`, `hifigan_vocoder`, `optimus`, `clip`, `clap`
+and splits each UNet into `main` and `cross_modal/<subtree>`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from typing import Any, Mapping
 import flax.core.meta
 import flax.traverse_util
 
-from codi_jax.models.codi import CoDiConfig, param_shapes
+from codi_jax import components
+from codi_jax.models.codi import CoDiConfig, codi_config_from_dict, param_shapes
 
 CROSS_MODAL = ("connecters_out", "input_block_connecters_in", "output_block_connecters_in")
 COMPONENT_NAMES = {"unet_image": "unet_image_video", "unet_text": "unet_text",
@@ -40,6 +42,15 @@ def diffuser_report(config: CoDiConfig) -> dict[str, Any]:
       "parameter_counts_per_component": per_component,
       "unet_parameter_counts_main_vs_cross_modal": split,
   }
+
+
+def model_report(model: Mapping[str, Any]) -> dict[str, Any]:
+  """The diffusers' report plus every other component of `config.model` (the whole CoDi)."""
+  report = diffuser_report(codi_config_from_dict(model))
+  for c in components.COMPONENTS:
+    report["parameter_counts_per_component"][c.name] = count(c.shapes(model))
+  report["total_parameters"] = sum(report["parameter_counts_per_component"].values())
+  return report
 
 
 def compare_with_manifest(report: Mapping[str, Any], manifest: Mapping[str, Any]

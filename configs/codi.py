@@ -44,6 +44,39 @@ PRESETS = {
         ddim_steps=50),
 }
 
+# The autoencoders, vocoder and prompt encoders per preset (field names of their typed configs:
+# `codi_jax.components`). `full` is the released CoDi (CODI_REFERENCE §1); the latent sizes of
+# every preset agree with its diffusers (image/video f8 with 4 channels, audio f4 with 8 channels,
+# text latent = the text diffuser's width, prompt token = context_dim).
+ENCODERS = {
+    "tiny": dict(
+        image_vae=dict(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1),
+        audio_vae=dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1),
+        vocoder=dict(upsample_initial_channel=64),
+        optimus=dict(bert=(64, 2, 2, 128), gpt2=(64, 2, 2)),
+        clip=dict(text=(64, 2, 2, 128), vision=(64, 2, 2, 128), image_size=32, patch_size=8),
+        clap=dict(spec_size=64, mel_bins=16, hop_size=4800, embed_dim=16, depths=(2, 1),
+                  num_heads=(2, 4))),
+    "small": dict(
+        image_vae=dict(ch=64, ch_mult=(1, 2, 2, 4), num_res_blocks=1),
+        audio_vae=dict(ch=64, ch_mult=(1, 2, 4), num_res_blocks=1),
+        vocoder=dict(upsample_initial_channel=256),
+        optimus=dict(bert=(256, 4, 4, 1024), gpt2=(256, 4, 4)),
+        clip=dict(text=(256, 4, 4, 1024), vision=(256, 4, 4, 1024), image_size=128,
+                  patch_size=16),
+        clap=dict(spec_size=256, mel_bins=64, hop_size=480, embed_dim=64, depths=(2, 2, 2, 2),
+                  num_heads=(2, 4, 8, 16))),
+    "full": dict(
+        image_vae=dict(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2),
+        audio_vae=dict(ch=128, ch_mult=(1, 2, 4), num_res_blocks=2),
+        vocoder=dict(upsample_initial_channel=1024),
+        optimus=dict(bert=(768, 12, 12, 3072), gpt2=(768, 12, 12)),
+        clip=dict(text=(768, 12, 12, 3072), vision=(1024, 24, 16, 4096), image_size=224,
+                  patch_size=14),
+        clap=dict(spec_size=256, mel_bins=64, hop_size=480, embed_dim=256, depths=(2, 2, 12, 2),
+                  num_heads=(4, 8, 16, 32))),
+}
+
 # Logical axis -> mesh axes, tried in order; a dim takes the first rule whose mesh axes are free
 # in that array and divide its size (`codi_jax.parallel.sharding`). Parameters use embed/embed_in/
 # mlp/heads; activations use batch/act_length/act_height/act_width/act_embed.
@@ -90,6 +123,33 @@ def _unet(p: dict, channels: int, in_channels: int, *, video: bool = False,
   )
 
 
+def _encoders(p: dict, e: dict) -> dict:
+  """Typed-config fields of the autoencoders, vocoder and prompt encoders."""
+  bert, gpt2, clip = e["optimus"]["bert"], e["optimus"]["gpt2"], e["clip"]
+  tower = lambda w: dict(width=w[0], layers=w[1], heads=w[2], mlp_width=w[3])
+  return dict(
+      image_vae=dict(e["image_vae"], in_channels=3, out_ch=3, z_channels=4, embed_dim=4,
+                     scale_factor=0.18215),
+      audio_vae=dict(e["audio_vae"], in_channels=1, out_ch=1, z_channels=8, embed_dim=8,
+                     scale_factor=0.9228),
+      vocoder=dict(e["vocoder"]),
+      optimus=dict(
+          encoder=dict(hidden_size=bert[0], num_layers=bert[1], num_heads=bert[2],
+                       intermediate_size=bert[3]),
+          decoder=dict(n_embd=gpt2[0], n_layer=gpt2[1], n_head=gpt2[2]),
+          latent_size=p["text_latent"], scale_factor=4.3108),
+      clip=dict(text=tower(clip["text"]),
+                vision=dict(tower(clip["vision"]), image_size=clip["image_size"],
+                            patch_size=clip["patch_size"]),
+                projection_dim=p["context_dim"]),
+      clap=dict(
+          audio=dict(mel_bins=e["clap"]["mel_bins"], hop_size=e["clap"]["hop_size"]),
+          htsat=dict(spec_size=e["clap"]["spec_size"], embed_dim=e["clap"]["embed_dim"],
+                     depths=e["clap"]["depths"], num_heads=e["clap"]["num_heads"]),
+          joint_embed_dim=p["context_dim"]),
+  )
+
+
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   if arg not in PRESETS:
     raise ValueError(f"unknown preset {arg!r}; choose one of {sorted(PRESETS)}")
@@ -102,6 +162,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       image=_unet(p, p["image_channels"], 4, video=True),
       audio=_unet(p, p["audio_channels"], 8),
       text=_unet(p, p["text_channels"], p["text_latent"], text=True),
+      **_encoders(p, ENCODERS[arg]),
       alignment=p["alignment"],
       attention_impl="xla",  # "cudnn" for the fused GPU kernel
       dtype="float32",  # compute dtype; "bfloat16" on accelerators (params stay float32)

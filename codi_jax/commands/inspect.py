@@ -17,7 +17,6 @@ from absl import flags
 from codi_jax import param_report
 from codi_jax.commands import common
 from codi_jax.io_utils import atomic_write_json
-from codi_jax.models.codi import codi_config_from_dict
 
 PARAMS = flags.DEFINE_bool("params", True, "Report parameter counts per component.")
 MANIFEST = flags.DEFINE_string("manifest", None, "Compare with this manifest_full.json.")
@@ -28,10 +27,10 @@ def main(argv: list[str]) -> int:
   if not PARAMS.value:
     raise SystemExit("codi-jax inspect: nothing to report (pass --params)")
   config = common.CONFIG.value
-  report = param_report.diffuser_report(codi_config_from_dict(config.model))
+  report = param_report.model_report(config.model)
   manifest = json.load(open(MANIFEST.value)) if MANIFEST.value else {}
   mismatches = 0
-  print(f"preset {config.get('preset', '?')}: {report['total_parameters']:,} diffuser parameters")
+  print(f"preset {config.get('preset', '?')}: {report['total_parameters']:,} parameters")
   for name, ours, theirs in param_report.compare_with_manifest(report, manifest):
     mark = ""
     if manifest:

@@ -1,0 +1,89 @@
+"""The non-diffuser parts of CoDi, one row each: typed config, parameter shapes, checkpoint keys.
+
+`config.model` of `configs/codi.py` holds one field dict per part (`image_vae`, `audio_vae`,
+`vocoder`, `optimus`, `clip`, `clap`); the builders here turn them into the models' typed configs.
+Each row also names the part as `manifest_full.json` does and where its keys live in the
+released CoDi state dict, so parameter reports and checkpoint conversion share one table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+from codi_jax.convert import keymap
+from codi_jax.models import autoencoder, clap, clip, optimus, vocoder
+
+PyTree = Any
+
+
+def _dict(d: Mapping | None) -> dict:
+  return dict(d or {})
+
+
+def image_vae_config(model: Mapping) -> autoencoder.AutoencoderConfig:
+  return autoencoder.AutoencoderConfig(**_dict(model["image_vae"]))
+
+
+def audio_vae_config(model: Mapping) -> autoencoder.AutoencoderConfig:
+  return autoencoder.AutoencoderConfig(**_dict(model["audio_vae"]))
+
+
+def vocoder_config(model: Mapping) -> vocoder.VocoderConfig:
+  return vocoder.VocoderConfig(**_dict(model["vocoder"]))
+
+
+def optimus_config(model: Mapping) -> optimus.OptimusConfig:
+  c = _dict(model["optimus"])
+  return optimus.OptimusConfig(encoder=optimus.BertConfig(**_dict(c.pop("encoder", None))),
+                               decoder=optimus.GPT2Config(**_dict(c.pop("decoder", None))),
+                               dtype=model.get("dtype", "float32"), **c)
+
+
+def clip_config(model: Mapping) -> clip.CLIPConfig:
+  c = _dict(model["clip"])
+  return clip.CLIPConfig(text=clip.CLIPTextConfig(**_dict(c.pop("text", None))),
+                         vision=clip.CLIPVisionConfig(**_dict(c.pop("vision", None))),
+                         dtype=model.get("dtype", "float32"), **c)
+
+
+def clap_config(model: Mapping) -> clap.ClapConfig:
+  c = _dict(model["clap"])
+  return clap.ClapConfig(audio=clap.ClapAudioConfig(**_dict(c.pop("audio", None))),
+                         htsat=clap.HTSATConfig(**_dict(c.pop("htsat", None))),
+                         dtype=model.get("dtype", "float32"), **c)
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+  name: str  # as in manifest_full.json
+  prefix: str  # of its keys in the released CoDi state dict
+  keymap: keymap.KeyMap
+  config: Callable[[Mapping], Any]  # config.model -> typed config
+  param_shapes: Callable[[Any], PyTree]  # typed config -> parameter shapes (no memory)
+  # Non-trainable state loaded from checkpoint buffers (CLAP's BatchNorm running statistics).
+  state_shapes: Callable[[Any], PyTree] = lambda config: {}
+
+  def shapes(self, model: Mapping) -> PyTree:
+    return self.param_shapes(self.config(model))
+
+
+COMPONENTS: tuple[Component, ...] = (
+    Component("autokl", "autokl.", keymap.AUTOENCODER, image_vae_config,
+              autoencoder.param_shapes),
+    Component("audioldm_vae", "audioldm.", keymap.AUTOENCODER, audio_vae_config,
+              autoencoder.param_shapes),
+    Component("hifigan_vocoder", "audioldm.vocoder.", keymap.VOCODER, vocoder_config,
+              vocoder.param_shapes),
+    Component("optimus", "optimus.", keymap.OPTIMUS, optimus_config, optimus.param_shapes),
+    Component("clip", "clip.model.", keymap.CLIP, clip_config, clip.param_shapes),
+    Component("clap", "clap.model.", keymap.CLAP, clap_config, clap.param_shapes,
+              lambda config: clap.variable_shapes(config)["batch_stats"]),
+)
+
+
+def component(name: str) -> Component:
+  for c in COMPONENTS:
+    if c.name == name:
+      return c
+  raise ValueError(f"unknown component {name!r}; choose one of {[c.name for c in COMPONENTS]}")
