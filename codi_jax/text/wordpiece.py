@@ -162,7 +162,12 @@ class BertTokenizer:
       if not tokens:
         raise ValueError(f"text {i} ({text!r}) is empty or has no tokens after cleaning; CoDi's "
                          "text encoder needs at least one token")
-      seqs.append(self._with_specials(tokens))
+      ids = self._with_specials(tokens)
+      if len(ids) > MAX_LENGTH:
+        # The original silently keeps the first 512 ids (dropping [SEP]); a caller should know.
+        raise ValueError(f"text {i} is too long for the text VAE: {len(ids)} tokens with "
+                         f"[CLS]/[SEP], at most {MAX_LENGTH}")
+      seqs.append(ids)
     return self._batch(seqs, MAX_LENGTH)
 
   def decode(self, ids: Sequence[int]) -> str:

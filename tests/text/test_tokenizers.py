@@ -83,13 +83,15 @@ def test_bert_special_tokens_and_unknowns(bert):
   assert bert.tokenize("🙂") == ["[UNK]"]  # no word piece matches
 
 
-def test_bert_codi_entry_lower_cases_pads_and_truncates(bert):
+def test_bert_codi_entry_lower_cases_pads_and_rejects_long_text(bert):
   ids = bert.codi_token_ids(["A CAT", "Heavy raining on a mat."])
   np.testing.assert_array_equal(ids, bert.encode_batch(["a cat", "heavy raining on a mat."]))
   assert ids.shape == (2, 9) and ids[0, 3:].tolist() == [bert.sep_id, 0, 0, 0, 0, 0]
-  long = bert.codi_token_ids(["word " * 600])
-  assert long.shape == (1, 512)  # as `optimus_encode`: cut after padding, [SEP] lost
-  assert long[0, 0] == bert.cls_id and long[0, -1] != bert.sep_id
+  assert bert.codi_token_ids(["word " * 510]).shape == (1, 512)
+  with pytest.raises(ValueError, match="text 0 is too long .* 602 tokens .* at most 512"):
+    bert.codi_token_ids(["word " * 600])  # the original would silently drop [SEP]
+  long = bert.encode_batch(["word " * 600])
+  assert long.shape == (1, 512) and long[0, -1] != bert.sep_id  # plain BERT truncation
 
 
 @pytest.mark.parametrize("text", ["", "   ", "\t\n", "\x00\x01"])
