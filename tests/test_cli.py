@@ -53,12 +53,19 @@ def test_parity_json_and_exit_status(tmp_path, fixtures_dir):
   assert all(set(r) == {"max_abs", "tol", "pass"} and r["pass"] for r in rows.values())
   assert "FAIL" not in proc.stdout
 
-  # A folder with a fixture the diffusion core cannot handle fails, and says why.
+  # A folder with a fixture no handler knows fails, and says why.
   folder = tmp_path / "set"
   folder.mkdir()
-  shutil.copy(fixtures_dir / "autokl.npz", folder)
+  np.savez(folder / "mystery.npz", config_json=np.asarray(json.dumps({"component": "Other"})),
+           **{"output/y": np.zeros(3, np.float32)})
   bad = run("parity", "--fixtures", str(folder), check=False)
   assert bad.returncode == 1 and "no parity handler" in bad.stdout
+
+  # Fixtures copied elsewhere find the vocabularies through --tokenizers.
+  shutil.copy(fixtures_dir / "optimus.npz", folder)
+  moved = run("parity", "--fixtures", str(folder), "--only", "optimus", "--tokenizers",
+              str(fixtures_dir.parents[1] / "tokenizers"))
+  assert "input/bert_token_ids" in moved.stdout and "FAIL" not in moved.stdout
 
 
 DEMO_ARGS = ("--config.sample.ddim_steps=2", "--config.sample.num_samples=1",

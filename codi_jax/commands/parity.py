@@ -1,15 +1,18 @@
 """codi-jax parity: compare our modules with the original CoDi's reference fixtures.
 
   codi-jax parity --fixtures ../shared/fixtures/codi_reference [--only unet_codi,ddim_sampler]
-      [--json parity.json]
+      [--json parity.json] [--tokenizers ../shared/tokenizers]
 
 Every `.npz` fixture in the folder (or those named by --only) is rebuilt from its own config,
 loaded through the key map and run; one row per stored output is printed. Exit status 0 only if
 every output of every selected file passes; a file or output that cannot be handled fails.
+The CLIP/Optimus fixtures also check our tokenizers on the real vocabularies, found in
+--tokenizers (default: $CODI_TOKENIZERS, else `tokenizers/` beside the fixture set's folder).
 """
 
 from __future__ import annotations
 
+import os
 import pathlib
 import sys
 
@@ -21,6 +24,8 @@ from codi_jax.io_utils import atomic_write_json
 
 FIXTURES = flags.DEFINE_string("fixtures", None, "Folder of reference fixture .npz files.")
 ONLY = flags.DEFINE_list("only", None, "Only these fixtures (names with or without .npz).")
+TOKENIZERS = flags.DEFINE_string("tokenizers", None,
+                                 "Folder with the real tokenizer vocabularies (CLIP, BERT, GPT-2).")
 
 
 def _print_file(name: str, rows: dict[str, parity.Row]) -> None:
@@ -36,6 +41,8 @@ def main(argv: list[str]) -> int:
   if not FIXTURES.value:
     raise SystemExit("codi-jax parity: --fixtures DIR is required")
   logging.set_verbosity(logging.WARNING)
+  if TOKENIZERS.value:
+    os.environ["CODI_TOKENIZERS"] = TOKENIZERS.value
   try:
     results = parity.run(pathlib.Path(FIXTURES.value), ONLY.value, on_file=_print_file)
   except FileNotFoundError as e:
