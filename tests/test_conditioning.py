@@ -43,7 +43,8 @@ def encoders(fixtures_dir):
   from codi_jax.parity.fixtures import load_fixture
   from codi_jax.text import CLIPTokenizer
 
-  clip_fx, clap_fx = load_fixture(fixtures_dir / "clip.npz"), load_fixture(fixtures_dir / "clap.npz")
+  clip_fx = load_fixture(fixtures_dir / "clip.npz")
+  clap_fx = load_fixture(fixtures_dir / "clap.npz")
   clip_config = clip_config_from_original(clip_fx.config["clip_config"])
   params, report = keymap.CLIP.to_flax(clip_fx.weights, param_shapes(clip_config), prefix="model.")
   report.check()

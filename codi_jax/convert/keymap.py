@@ -13,7 +13,8 @@ per model family; rules are tried in order, the first match wins:
   conv1x1           [O, I, 1, 1]        <- [I, O]              (1x1 Conv2d stored as a Dense;
                                                                a 4-D kernel is a plain Conv2d)
   conv1x1x1         [O, I, 1, 1, 1]     <- [I, O]              (1x1x1 Conv3d stored as a Dense)
-  conv_transpose1d  [I, O, k]           <- [k, O, I]           (lax.conv_transpose, transpose_kernel)
+  conv_transpose1d  [I, O, k]           <- [k, O, I]           (lax.conv_transpose with
+                                                               transpose_kernel=True)
   kernel            [O, I, kh, kw]      <- [kh, kw, I, O]      (Conv2d)
                     [O, I, k]           <- [k, I, O]           (Conv1d)
                     [O, I]              <- [I, O]              (Linear)

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from codi_jax.audio.mel import SAMPLE_RATE, fbank_frames, wav_to_fbank
-from codi_jax.models.layers import Dtype, GroupNorm, Upsample
+from codi_jax.models.layers import Dtype, GroupNorm, Upsample, default_init
 
 PyTree = Any
 
@@ -47,8 +47,6 @@ AUDIO_CLIP_THRESHOLD = 100.0
 AUDIO_CLIP = 10.0
 # Logical axes of activations at level boundaries ([N, H, W, C]).
 ACTIVATION_AXES = ("batch", "act_height", "act_width", "act_embed")
-
-_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +139,7 @@ def _conv(features: int, *, kernel: int = 3, stride: int = 1,
       padding=((pad, pad), (pad, pad)) if padding is None else padding,
       dtype=dtype, param_dtype=jnp.float32,
       kernel_init=nn.with_logical_partitioning(
-          _default_init, ("conv_height", "conv_width", "embed_in", "embed")),
+          default_init, ("conv_height", "conv_width", "embed_in", "embed")),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
       name=name)
 

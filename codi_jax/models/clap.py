@@ -40,7 +40,7 @@ import numpy as np
 from codi_jax.audio.clap_frontend import log_mel_spectrogram, repeat_pad, spectrogram_to_image
 from codi_jax.audio.resample import resample
 from codi_jax.convert import keymap
-from codi_jax.models.layers import Dtype, dense, layer_norm
+from codi_jax.models.layers import Dtype, check_positive, dense, l2_normalize, layer_norm
 
 # HTSAT's additive mask between tokens of different regions in a shifted window.
 SHIFTED_WINDOW_MASK_VALUE = -100.0
@@ -52,12 +52,6 @@ HTSAT_SIZES: dict[str, dict[str, Any]] = {
     "base": dict(embed_dim=128, depths=(2, 2, 12, 2)),
     "large": dict(embed_dim=256, depths=(2, 2, 12, 2)),
 }
-
-
-def _positive(owner: str, **values: int | float) -> None:
-  for name, value in values.items():
-    if value <= 0:
-      raise ValueError(f"{owner}.{name} must be positive, got {value}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +66,7 @@ class ClapAudioConfig:
   fmax: float = 14000.0
 
   def __post_init__(self):
-    _positive("ClapAudioConfig", sample_rate=self.sample_rate, window_size=self.window_size,
+    check_positive("ClapAudioConfig", sample_rate=self.sample_rate, window_size=self.window_size,
               hop_size=self.hop_size, mel_bins=self.mel_bins)
     if not 0 <= self.fmin < self.fmax <= self.sample_rate / 2:
       raise ValueError(f"ClapAudioConfig: need 0 <= fmin < fmax <= sample_rate / 2, got "
@@ -96,7 +90,7 @@ class HTSATConfig:
   def __post_init__(self):
     object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
     object.__setattr__(self, "num_heads", tuple(int(h) for h in self.num_heads))
-    _positive("HTSATConfig", spec_size=self.spec_size, patch_size=self.patch_size,
+    check_positive("HTSATConfig", spec_size=self.spec_size, patch_size=self.patch_size,
               patch_stride=self.patch_stride, embed_dim=self.embed_dim,
               window_size=self.window_size, mlp_ratio=self.mlp_ratio,
               num_classes=self.num_classes)
@@ -157,7 +151,7 @@ class ClapConfig:
   dtype: str = "float32"
 
   def __post_init__(self):
-    _positive("ClapConfig", joint_embed_dim=self.joint_embed_dim,
+    check_positive("ClapConfig", joint_embed_dim=self.joint_embed_dim,
               input_sample_rate=self.input_sample_rate, clip_samples=self.clip_samples)
     jnp.dtype(self.dtype)  # raises on an unknown dtype name
     spec, mels = self.htsat.spec_size, self.audio.mel_bins
@@ -457,12 +451,6 @@ class _AudioTransform(nn.Module):
     return _LinearReluLinear(self.features, ("0", "3"), name="sequential")(x)
 
 
-def _l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """torch `F.normalize(x, dim=-1)`: x / max(||x||, eps)."""
-  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
-  return x / jnp.maximum(norm, eps)
-
-
 def _check_waveform(waveform: jax.Array) -> None:
   if waveform.ndim != 3:
     raise ValueError(f"CLAP expects a waveform batch [B, 1, S], got shape {waveform.shape}")
@@ -513,7 +501,7 @@ class ClapAudioEncoder(nn.Module):
     projected = self.audio_projection(self.branch(clip).embedding)  # [B, D]
     if self.is_initializing():
       self.audio_transform(projected)
-    return _l2_normalize(projected.astype(jnp.float32))
+    return l2_normalize(projected.astype(jnp.float32))
 
 
 def init_variables(config: ClapConfig, rng: jax.Array) -> dict:

@@ -37,11 +37,9 @@ import numpy as np
 
 from codi_jax.models.attention import AttentionImpl, dot_product_attention
 from codi_jax.models.clip_preprocess import PreprocessConfig, preprocess
-from codi_jax.models.layers import Dtype, dense, layer_norm
+from codi_jax.models.layers import Dtype, dense, embed, embed_init, l2_normalize, layer_norm
 from codi_jax.models.temporal import (ContinuousPositionBias, FeedForwardIn, FeedForwardOut,
                                       TimeAxisLayerNorm)
-
-_embed_init = nn.initializers.normal(0.02)
 
 
 class Activation(str, enum.Enum):
@@ -347,11 +345,6 @@ class _Layers(nn.Module):
 # Towers
 
 
-def _embed(num: int, features: int, axes: tuple[str, str], name: str, dtype: Dtype) -> nn.Embed:
-  return nn.Embed(num, features, dtype=dtype, param_dtype=jnp.float32,
-                  embedding_init=nn.with_logical_partitioning(_embed_init, axes), name=name)
-
-
 class CLIPTextEmbeddings(nn.Module):
   """`embeddings`: token + position embeddings. ids [B, T] -> [B, T, D]."""
 
@@ -361,10 +354,10 @@ class CLIPTextEmbeddings(nn.Module):
   @nn.compact
   def __call__(self, ids: jax.Array) -> jax.Array:
     cfg = self.config
-    tokens = _embed(cfg.vocab_size, cfg.width, ("vocab", "embed"), "token_embedding",
-                    self.dtype)(ids)
-    positions = _embed(cfg.max_positions, cfg.width, ("position", "embed"), "position_embedding",
-                       self.dtype)(jnp.arange(ids.shape[1]))
+    tokens = embed(cfg.vocab_size, cfg.width, ("vocab", "embed"), "token_embedding",
+                   self.dtype)(ids)
+    positions = embed(cfg.max_positions, cfg.width, ("position", "embed"), "position_embedding",
+                      self.dtype)(jnp.arange(ids.shape[1]))
     return tokens + positions[None]
 
 
@@ -405,12 +398,12 @@ class CLIPVisionEmbeddings(nn.Module):
             nn.initializers.lecun_normal(), ("conv_height", "conv_width", "embed_in", "embed")),
         name="patch_embedding")(pixels)  # [N, S/p, S/p, D]
     patches = einops.rearrange(patches, "n h w d -> n (h w) d")  # [N, T-1, D]
-    cls = self.param("class_embedding", nn.with_logical_partitioning(_embed_init, ("embed",)),
+    cls = self.param("class_embedding", nn.with_logical_partitioning(embed_init, ("embed",)),
                      (cfg.width,), jnp.float32)
     cls = jnp.broadcast_to(cls.astype(patches.dtype), (patches.shape[0], 1, cfg.width))
     x = jnp.concatenate([cls, patches], axis=1)  # [N, T, D]
-    positions = _embed(cfg.num_positions, cfg.width, ("position", "embed"), "position_embedding",
-                       self.dtype)(jnp.arange(cfg.num_positions))
+    positions = embed(cfg.num_positions, cfg.width, ("position", "embed"), "position_embedding",
+                      self.dtype)(jnp.arange(cfg.num_positions))
     return x + positions[None]
 
 
@@ -433,10 +426,6 @@ class CLIPVisionTransformer(nn.Module):
       x = einops.reduce(x, "(b f) t d -> b t d", "mean", f=frames)  # [B, T, D]
     pooled = layer_norm(name="post_layernorm", dtype=self.dtype)(x[:, 0])  # [B, D]
     return TowerOutput(x, pooled)
-
-
-def _l2_normalize(z: jax.Array) -> jax.Array:
-  return z / jnp.linalg.norm(z, axis=-1, keepdims=True)
 
 
 class CLIPModel(nn.Module):
@@ -489,7 +478,7 @@ class CLIPModel(nn.Module):
   def encode_text(self, token_ids: jax.Array) -> jax.Array:
     """`FrozenCLIP.encode_text`: token_ids [B, T] -> unit-norm prompt token [B, 1, P]."""
     z = self.text_projection(self.text(token_ids).pooler_output)
-    return _l2_normalize(z)[:, None]
+    return l2_normalize(z)[:, None]
 
   def encode_vision(self, pixel_values: jax.Array) -> jax.Array:
     """`FrozenCLIP.encode_vision` after preprocessing: [B, S, S, 3] / [B, F, S, S, 3] -> [B, 1, P].
@@ -499,7 +488,7 @@ class CLIPModel(nn.Module):
     if pixel_values.ndim == 5 and pixel_values.shape[1] == 1:
       pixel_values = pixel_values[:, 0]
     z = self.visual_projection(self.vision(pixel_values).pooler_output)
-    return _l2_normalize(z)[:, None]
+    return l2_normalize(z)[:, None]
 
   def __call__(self, token_ids: jax.Array, pixel_values: jax.Array
                ) -> tuple[jax.Array, jax.Array]:

@@ -31,13 +31,34 @@ Dtype = jnp.dtype
 
 # PyTorch's default Linear/Conv init is He-uniform-like; any sane init works for training from
 # scratch, and parity runs always load weights, so use one variance-scaling init everywhere.
-_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+embed_init = nn.initializers.normal(0.02)
+
+
+def check_positive(owner: str, **values: float) -> None:
+  """Config validation: raises ValueError naming the first non-positive field."""
+  for name, value in values.items():
+    if not value > 0:
+      raise ValueError(f"{owner}.{name} must be positive, got {value}")
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """torch `F.normalize(x, dim=-1)`: x / max(||x||, eps), in float32."""
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def embed(num: int, features: int, axes: tuple[str, str], name: str,
+          dtype: Dtype = jnp.float32) -> nn.Embed:
+  """An embedding table [num, features] with logical axes (e.g. ("vocab", "embed"))."""
+  return nn.Embed(num, features, dtype=dtype, param_dtype=jnp.float32,
+                  embedding_init=nn.with_logical_partitioning(embed_init, axes), name=name)
 
 
 def dense(features: int, axes: tuple[str, str], *, name: str, dtype: Dtype = jnp.float32,
           use_bias: bool = True, zero_init: bool = False) -> nn.Dense:
   """A Linear layer with logically named kernel [in, out] and bias [out]."""
-  init = nn.initializers.zeros if zero_init else _default_init
+  init = nn.initializers.zeros if zero_init else default_init
   return nn.Dense(
       features,
       use_bias=use_bias,
@@ -52,7 +73,7 @@ def dense(features: int, axes: tuple[str, str], *, name: str, dtype: Dtype = jnp
 def conv(features: int, *, name: str, kernel: int = 3, stride: int = 1,
          dtype: Dtype = jnp.float32, zero_init: bool = False) -> nn.Conv:
   """A 2-D conv with symmetric zero padding k//2 (as torch `padding=k//2`), kernel HWIO."""
-  init = nn.initializers.zeros if zero_init else _default_init
+  init = nn.initializers.zeros if zero_init else default_init
   pad = kernel // 2
   return nn.Conv(
       features,

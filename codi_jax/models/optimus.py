@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from codi_jax.models.attention import dot_product_attention
-from codi_jax.models.layers import Dtype, dense, layer_norm
+from codi_jax.models.layers import Dtype, check_positive, dense, embed, layer_norm
 
 # CoDi's text latent scale (`codi.yaml` text_scale_factor): diffusion latent = mu * 4.3108.
 TEXT_SCALE_FACTOR = 4.3108
@@ -38,12 +38,6 @@ TEXT_SCALE_FACTOR = 4.3108
 PAD_ID, BOS_ID, EOS_ID = 50257, 50258, 50259
 # Additive attention mask value of both originals (BERT padding and GPT-2 causal mask).
 _MASKED = -10000.0
-
-
-def _positive(owner: str, **values: float) -> None:
-  for name, value in values.items():
-    if not value > 0:
-      raise ValueError(f"{owner}.{name} must be positive, got {value!r}")
 
 
 def _divisible(owner: str, width: int, heads: int) -> None:
@@ -65,7 +59,7 @@ class BertConfig:
   layer_norm_eps: float = 1e-12
 
   def __post_init__(self):
-    _positive("BertConfig", **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+    check_positive("BertConfig", **dataclasses.asdict(self))
     _divisible("BertConfig", self.hidden_size, self.num_heads)
 
 
@@ -81,7 +75,7 @@ class GPT2Config:
   layer_norm_eps: float = 1e-5
 
   def __post_init__(self):
-    _positive("GPT2Config", **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+    check_positive("GPT2Config", **dataclasses.asdict(self))
     _divisible("GPT2Config", self.n_embd, self.n_head)
     if self.n_positions < 2:
       raise ValueError("GPT2Config.n_positions must be >= 2 (position 0 is the latent slot's)")
@@ -103,7 +97,7 @@ class OptimusConfig:
   def __post_init__(self):
     if not isinstance(self.encoder, BertConfig) or not isinstance(self.decoder, GPT2Config):
       raise TypeError("OptimusConfig.encoder/decoder must be a BertConfig and a GPT2Config")
-    _positive("OptimusConfig", latent_size=self.latent_size, scale_factor=self.scale_factor)
+    check_positive("OptimusConfig", latent_size=self.latent_size, scale_factor=self.scale_factor)
     jnp.dtype(self.dtype)  # raises on an unknown dtype name
 
 
@@ -156,12 +150,6 @@ def optimus_config_from_original(args: Mapping[str, Any], *,
                        scale_factor=scale_factor)
 
 
-def _embed(num: int, features: int, axes: tuple[str, str], name: str, dtype: Dtype) -> nn.Embed:
-  return nn.Embed(num, features, dtype=dtype, param_dtype=jnp.float32,
-                  embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
-                  name=name)
-
-
 def check_token_ids(ids: jax.Array, max_tokens: int, what: str) -> None:
   """Raises ValueError unless `ids` is a non-empty [B, T] integer array with T <= max_tokens."""
   if ids.ndim != 2:
@@ -201,11 +189,11 @@ class BertEmbeddings(nn.Module):
   def __call__(self, ids: jax.Array) -> jax.Array:
     cfg = self.config
     e = cfg.hidden_size
-    words = _embed(cfg.vocab_size, e, ("vocab", "embed"), "word_embeddings", self.dtype)(ids)
-    pos = _embed(cfg.max_positions, e, ("position", "embed"), "position_embeddings",
-                 self.dtype)(jnp.arange(ids.shape[1]))  # [T, E]
-    types = _embed(cfg.type_vocab_size, e, ("unmodeled", "embed"), "token_type_embeddings",
-                   self.dtype)(jnp.zeros_like(ids))
+    words = embed(cfg.vocab_size, e, ("vocab", "embed"), "word_embeddings", self.dtype)(ids)
+    pos = embed(cfg.max_positions, e, ("position", "embed"), "position_embeddings",
+                self.dtype)(jnp.arange(ids.shape[1]))  # [T, E]
+    types = embed(cfg.type_vocab_size, e, ("unmodeled", "embed"), "token_type_embeddings",
+                  self.dtype)(jnp.zeros_like(ids))
     h = words + pos[None] + types  # [B, T, E]
     return layer_norm(name="LayerNorm", dtype=self.dtype, epsilon=cfg.layer_norm_eps)(h)
 
@@ -431,8 +419,8 @@ class GPT2Transformer(nn.Module):
   def setup(self):
     cfg = self.config
     e = cfg.n_embd
-    self.wte = _embed(cfg.vocab_size, e, ("vocab", "embed"), "wte", self.dtype)
-    self.wpe = _embed(cfg.n_positions, e, ("position", "embed"), "wpe", self.dtype)
+    self.wte = embed(cfg.vocab_size, e, ("vocab", "embed"), "wte", self.dtype)
+    self.wpe = embed(cfg.n_positions, e, ("position", "embed"), "wpe", self.dtype)
     self.h = GPT2Blocks(cfg, self.dtype)
     self.ln_f = layer_norm(dtype=self.dtype, epsilon=cfg.layer_norm_eps, name="ln_f")
     # One latent key/value vector per layer; one latent vector added to every token embedding.

@@ -29,14 +29,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from codi_jax.models.layers import Dtype
+from codi_jax.models.layers import Dtype, default_init
 
 # Slope of the leaky ReLUs inside the generator (the original's LRELU_SLOPE); the one before
 # conv_post is torch's default.
 LRELU_SLOPE = 0.1
 FINAL_LRELU_SLOPE = 0.01
-
-_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +126,7 @@ def _conv1d(features: int, kernel: int, *, name: str, dilation: int = 1,
       padding=((pad, pad),),
       dtype=dtype,
       param_dtype=jnp.float32,
-      kernel_init=nn.with_logical_partitioning(_default_init, ("conv_width", "embed_in", "embed")),
+      kernel_init=nn.with_logical_partitioning(default_init, ("conv_width", "embed_in", "embed")),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
       name=name,
   )
@@ -150,7 +148,7 @@ def _conv_transpose1d(features: int, kernel: int, rate: int, *, name: str,
       transpose_kernel=True,
       dtype=dtype,
       param_dtype=jnp.float32,
-      kernel_init=nn.with_logical_partitioning(_default_init, ("conv_width", "embed", "embed_in")),
+      kernel_init=nn.with_logical_partitioning(default_init, ("conv_width", "embed", "embed_in")),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
       name=name,
   )

@@ -3,8 +3,9 @@
 For every fixture file, a handler chosen by the fixture's `component` builds our module from the
 fixture's own config, loads its weights through the key map, runs every case and returns the
 outputs it computed (keys `<output name>`, and `input/<name>` for stored inputs it can recompute,
-such as token ids from the stored texts). Every stored output is then compared; a stored output the handler did not
-compute, a file no handler knows, or a handler error is a failure, never a skip.
+such as token ids from the stored texts). Every stored output is then compared; a stored
+output the handler did not compute, a file no handler knows, or a handler error is a failure,
+never a skip.
 """
 
 from __future__ import annotations

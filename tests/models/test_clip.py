@@ -108,8 +108,8 @@ def test_full_size_parameters_are_logically_sharded(full_shapes):
 
 def test_encoders_compile_once_per_shape_and_match(fixture, tiny, monkeypatch):
   traces = []
-  normalize = clip._l2_normalize
-  monkeypatch.setattr(clip, "_l2_normalize", lambda z: traces.append(z.shape) or normalize(z))
+  normalize = clip.l2_normalize
+  monkeypatch.setattr(clip, "l2_normalize", lambda z: traces.append(z.shape) or normalize(z))
   config, pre, params = tiny
   encoders = FrozenCLIP(config, params, pre)
   image, video = _images(fixture)
