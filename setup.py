@@ -17,6 +17,14 @@ setup(
         "orbax-checkpoint==0.12.8",
         "grain==0.2.18",
         "tensorflow-datasets==4.9.10",
+        # tfds builders locate their code through etils.epath, which imports this without
+        # declaring it.
+        "importlib-resources==7.1.0",
+        "array-record==0.8.6",
+        # Media codecs: MP4/H.264 via the FFmpeg libraries in PyAV's wheel, WAV/FLAC via the
+        # libsndfile in soundfile's wheel (no system packages).
+        "av==18.1.0",
+        "soundfile==0.14.0",
         "ml-collections==1.1.0",
         "clu==0.0.12",
         "absl-py==2.5.1",
