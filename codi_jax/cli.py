@@ -14,6 +14,7 @@ COMMANDS = {
     "demo": ("codi_jax.commands.demo", "the main job (today: tiny random-weight joint sampling)"),
     "parity": ("codi_jax.commands.parity", "compare with the original CoDi's reference fixtures"),
     "inspect": ("codi_jax.commands.inspect", "parameter counts of a config (no memory used)"),
+    "data-throughput": ("codi_jax.commands.data", "examples/s of a stage's input pipeline"),
 }
 
 
