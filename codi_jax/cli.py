@@ -15,6 +15,7 @@ COMMANDS = {
     "parity": ("codi_jax.commands.parity", "compare with the original CoDi's reference fixtures"),
     "inspect": ("codi_jax.commands.inspect", "parameter counts of a config (no memory used)"),
     "data-throughput": ("codi_jax.commands.data", "examples/s of a stage's input pipeline"),
+    "cache": ("codi_jax.commands.cache", "encode a dataset once: cached latents + condition tokens"),
 }
 
 
