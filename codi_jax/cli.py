@@ -15,14 +15,17 @@ COMMANDS = {
     "parity": ("codi_jax.commands.parity", "compare with the original CoDi's reference fixtures"),
     "inspect": ("codi_jax.commands.inspect", "parameter counts of a config (no memory used)"),
     "data-throughput": ("codi_jax.commands.data", "examples/s of a stage's input pipeline"),
-    "cache": ("codi_jax.commands.cache", "encode a dataset once: cached latents + condition tokens"),
+    "import-data": ("codi_jax.commands.import_data", "WebDataset shards / manifests -> records"),
+    "build-dataset": ("codi_jax.commands.build_dataset", "write a tfds dataset (ArrayRecord)"),
+    "cache": ("codi_jax.commands.cache", "run frozen encoders once: cached latents + tokens"),
 }
 
 
 def usage() -> str:
   lines = ["usage: codi-jax <command> [flags]   (codi-jax <command> --help for its flags)", "",
            "commands:"]
-  lines += [f"  {name:10s} {summary}" for name, (_, summary) in COMMANDS.items()]
+  width = max(map(len, COMMANDS))
+  lines += [f"  {name:{width}s}  {summary}" for name, (_, summary) in COMMANDS.items()]
   return "\n".join(lines)
 
 

@@ -34,12 +34,8 @@ from codi_jax.io_utils import atomic_write_json
 
 _DEFAULT_TOKENIZERS = pathlib.Path(__file__).resolve().parents[3] / "shared" / "tokenizers"
 
-SOURCE = flags.DEFINE_enum("source", "synthetic", ["synthetic", "records"],
-                           "What to cache: the synthetic dataset or our record shards.")
 SPLIT = flags.DEFINE_enum("split", "train", list(synthetic.SPLITS),
                           "Synthetic split (--source synthetic).")
-RECORDS = flags.DEFINE_list("records", None,
-                            "Record shards: files, folders or glob patterns (--source records).")
 LIMIT = flags.DEFINE_integer("limit", None, "Cache only the first N examples (default: all).")
 OUT = flags.DEFINE_string("out", None, "Output folder of the cache shards (required).")
 NAME = flags.DEFINE_string("name", None, "Shard file prefix (default: the split, or 'records').")
@@ -49,27 +45,21 @@ LATENT = flags.DEFINE_enum_class("latent", cache.LatentMode.MODE, cache.LatentMo
                                  "VAE latents: the posterior mode or one sample per example.")
 STORE_DTYPE = flags.DEFINE_enum_class("store_dtype", cache.StoreDtype.FLOAT32, cache.StoreDtype,
                                       "Storage dtype of latents and tokens (computed in fp32).")
-SEED = flags.DEFINE_integer("seed", None, "Seed of posterior samples and random encoder "
-                            "weights (default: config.seed).")
 TOKENIZERS = flags.DEFINE_string("tokenizers", None, "Folder with the CLIP and BERT vocabularies.")
-PROCESS_INDEX = flags.DEFINE_integer("process_index", None,
-                                     "This process's index (default: jax.process_index()).")
-PROCESS_COUNT = flags.DEFINE_integer("process_count", None,
-                                     "Number of processes (default: jax.process_count()).")
 
 
 def _source(config, run) -> tuple[object, dict]:
   """The examples to cache and their description for the cache spec."""
-  if SOURCE.value == "synthetic":
-    if RECORDS.value:
+  if common.SOURCE.value == "synthetic":
+    if common.RECORDS.value:
       raise SystemExit("codi-jax cache: --records is for --source records")
     data = synthetic.SyntheticConfig(image_size=config.image_size, num_frames=config.num_frames,
                                      seed=run.seed)
     return synthetic.SplitSource(data, SPLIT.value), dict(
         source="synthetic", split=SPLIT.value, synthetic_config=repr(data))
-  if not RECORDS.value:
+  if not common.RECORDS.value:
     raise SystemExit("codi-jax cache: --source records needs --records")
-  files = records.record_files([f for pattern in RECORDS.value for f in (
+  files = records.record_files([f for pattern in common.RECORDS.value for f in (
       sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern])])
   return records.read_records(files), dict(source="records", records=[str(f) for f in files])
 
@@ -79,7 +69,7 @@ def main(argv: list[str]) -> int:
   if not OUT.value:
     raise SystemExit("codi-jax cache: --out DIR is required")
   run = common.CONFIG.value
-  seed = run.seed if SEED.value is None else SEED.value
+  seed = run.seed if common.SEED.value is None else common.SEED.value
   config = cache.cache_config_from(run, batch_size=BATCH_SIZE.value, latent_mode=LATENT.value,
                                    seed=seed)
   try:
@@ -91,11 +81,11 @@ def main(argv: list[str]) -> int:
   params = cache.load_encoder_params(run.model, seed=seed)
   encoders = cache.FrozenEncoders(run.model, params, tokenizers, config)
   describe.update(model=json.loads(run.model.to_json_best_effort()), encoder_weights="random")
-  name = NAME.value or (SPLIT.value if SOURCE.value == "synthetic" else "records")
+  name = NAME.value or (SPLIT.value if common.SOURCE.value == "synthetic" else "records")
   summary = cache.build_cache(source, OUT.value, encoders, name=name, limit=LIMIT.value,
                               shard_size=SHARD_SIZE.value, store_dtype=STORE_DTYPE.value,
-                              describe=describe, process_index=PROCESS_INDEX.value,
-                              process_count=PROCESS_COUNT.value,
+                              describe=describe, process_index=common.PROCESS_INDEX.value,
+                              process_count=common.PROCESS_COUNT.value,
                               progress=jax.process_index() == 0)
   if common.JSON.value:
     atomic_write_json(common.JSON.value, summary.as_json())

@@ -14,3 +14,14 @@ CONFIG = config_flags.DEFINE_config_file(
     "Config file and preset, e.g. configs/codi.py:full; override fields with --config.x=y.",
     lock_config=True)
 JSON = flags.DEFINE_string("json", None, "Also write the results as JSON to this file.")
+
+# Data commands (cache, data-throughput, import-data).
+SOURCE = flags.DEFINE_enum("source", "synthetic", ["synthetic", "records"],
+                           "The embedded synthetic dataset, or our record shards (--records).")
+RECORDS = flags.DEFINE_list("records", None,
+                            "Record shards: files, folders or glob patterns (--source records).")
+SEED = flags.DEFINE_integer("seed", None, "Seed (default: config.seed).")
+PROCESS_INDEX = flags.DEFINE_integer("process_index", None,
+                                     "This process's index (default: jax.process_index()).")
+PROCESS_COUNT = flags.DEFINE_integer("process_count", None,
+                                     "Number of processes (default: jax.process_count()).")

@@ -1,7 +1,7 @@
-"""codi-jax data-throughput: how fast a stage's input pipeline delivers batches.
+r"""codi-jax data-throughput: how fast a stage's input pipeline delivers batches.
 
-  codi-jax data-throughput --source synthetic --stage diffuse_image --batch-size 32 \
-      --num-workers 4 --steps 50 [--json throughput.json]
+  codi-jax data-throughput --source synthetic --stage diffuse_image --batch_size 32 \
+      --num_workers 4 --steps 50 [--json throughput.json]
   codi-jax data-throughput --source records --records 'data/shards/*.array_record' ...
 
 Builds the stage's grain pipeline (`codi_jax.data.pipeline`), times the first batch apart (worker
@@ -20,33 +20,32 @@ from codi_jax.commands import common
 from codi_jax.data import pipeline, synthetic
 from codi_jax.io_utils import atomic_write_json
 
-SOURCE = flags.DEFINE_enum("source", "synthetic", ["synthetic", "records"],
-                           "Read the embedded synthetic dataset or our record shards.")
-RECORDS = flags.DEFINE_list("records", None,
-                            "Record shard files, folders or glob patterns (with --source records).")
 STAGE = flags.DEFINE_enum("stage", "diffuse_image", list(pipeline.STAGE_MODALITIES),
                           "Training stage whose modalities and shapes the batches have.")
-BATCH_SIZE = flags.DEFINE_integer("batch-size", 32, "Examples per batch (per process).",
+BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Examples per batch (per process).",
                                   lower_bound=1)
-NUM_WORKERS = flags.DEFINE_integer("num-workers", 0,
+NUM_WORKERS = flags.DEFINE_integer("num_workers", 0,
                                    "Prefetching worker processes (0: read in this process).",
                                    lower_bound=0)
 STEPS = flags.DEFINE_integer("steps", 20, "Batches timed after the first one.", lower_bound=1)
-SEED = flags.DEFINE_integer("seed", 0, "Seed of the data order and random crops.")
-IMAGE_SIZE = flags.DEFINE_integer("image-size", 32, "Side of images and video frames.",
+IMAGE_SIZE = flags.DEFINE_integer("image_size", 32, "Side of images and video frames.",
                                   lower_bound=1)
-NUM_FRAMES = flags.DEFINE_integer("num-frames", 4, "Video frames per example.", lower_bound=1)
-AUDIO_SAMPLES = flags.DEFINE_integer("audio-samples", 16000, "Audio samples per example (16 kHz).",
+NUM_FRAMES = flags.DEFINE_integer("num_frames", 4, "Video frames per example.", lower_bound=1)
+AUDIO_SAMPLES = flags.DEFINE_integer("audio_samples", 16000, "Audio samples per example (16 kHz).",
                                      lower_bound=1)
 
 
 def _source() -> pipeline.Source:
-  if SOURCE.value == "synthetic":
-    return pipeline.SyntheticSource(synthetic.SyntheticConfig(seed=SEED.value))
-  if not RECORDS.value:
+  if common.SOURCE.value == "synthetic":
+    return pipeline.SyntheticSource(synthetic.SyntheticConfig(seed=_seed()))
+  if not common.RECORDS.value:
     raise SystemExit("codi-jax data-throughput: --source records needs --records (files, "
                      "folders or globs)")
-  return pipeline.RecordShards(tuple(RECORDS.value))
+  return pipeline.RecordShards(tuple(common.RECORDS.value))
+
+
+def _seed() -> int:
+  return 0 if common.SEED.value is None else common.SEED.value
 
 
 def main(argv: list[str]) -> int:
@@ -54,7 +53,7 @@ def main(argv: list[str]) -> int:
   spec = pipeline.stage_data(STAGE.value, [_source()], image_size=IMAGE_SIZE.value,
                              num_frames=NUM_FRAMES.value, audio_samples=AUDIO_SAMPLES.value)
   batch_size = BATCH_SIZE.value
-  dataset = pipeline.build_pipeline(spec, batch_size=batch_size, seed=SEED.value,
+  dataset = pipeline.build_pipeline(spec, batch_size=batch_size, seed=_seed(),
                                     num_workers=NUM_WORKERS.value)
   start = time.perf_counter()
   iterator = iter(dataset)
@@ -68,13 +67,13 @@ def main(argv: list[str]) -> int:
   finally:
     iterator.close()
   report = {
-      "stage": spec.name, "source": SOURCE.value, "batch_size": batch_size,
+      "stage": spec.name, "source": common.SOURCE.value, "batch_size": batch_size,
       "num_workers": NUM_WORKERS.value, "steps": STEPS.value, "first_batch_s": first,
       "timed_s": elapsed, "batches_per_s": STEPS.value / elapsed,
       "examples_per_s": STEPS.value * batch_size / elapsed,
       "process_index": jax.process_index(), "process_count": jax.process_count(),
   }
-  print(f"{spec.name} ({SOURCE.value}, batch {batch_size}, {NUM_WORKERS.value} workers, "
+  print(f"{spec.name} ({common.SOURCE.value}, batch {batch_size}, {NUM_WORKERS.value} workers, "
         f"process {report['process_index']}/{report['process_count']}): first batch "
         f"{first:.3f} s, then {report['examples_per_s']:.1f} examples/s, "
         f"{report['batches_per_s']:.2f} batches/s over {STEPS.value} batches")

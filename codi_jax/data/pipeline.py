@@ -2,8 +2,9 @@
 numpy batches, sharded by process, prefetched by worker processes, checkpointable.
 
 A `StageData` names the modalities a stage needs (`STAGE_MODALITIES`), their fixed shapes and a
-weighted mixture of sources: `SyntheticSource` (the embedded procedural dataset, no files) and
-`RecordShards` (our ArrayRecord shards, media decoded with `codi_jax.data.media`).
+weighted mixture of sources: `SyntheticSource` (the embedded procedural dataset, no files),
+`RecordShards` (our ArrayRecord shards, media decoded with `codi_jax.data.media`) and `TfdsSource`
+(a prepared tfds dataset of `codi_jax.data.builders`, read from its folder).
 
 Order of the pipeline (all `MapDataset`s, so an iterator's state is a few indices):
 
@@ -15,8 +16,8 @@ Order of the pipeline (all `MapDataset`s, so an iterator's state is a few indice
 
 Examples lacking a needed modality are skipped where they are met (a deterministic filter), so a
 mixture may list sources that only partly fit a stage (weights then count draws, skipped ones
-included). Records whose media fail to decode are skipped with a logged warning. Because the processes take interleaved
-positions of one global sequence, together they see every example of a source's epoch exactly
+included). Records whose media fail to decode are skipped with a logged warning. Because the
+processes take interleaved positions of one global sequence, together they see every example of a source's epoch exactly
 once. With worker processes each worker batches its own slice, so batch order depends on
 `num_workers` (still deterministic); a checkpoint restores onto the same `num_workers`.
 
@@ -133,7 +134,35 @@ class RecordShards:
     return found
 
 
-Source = SyntheticSource | RecordShards
+@dataclasses.dataclass(frozen=True)
+class TfdsSource:
+  """A split of a prepared `codi_jax.data.builders` dataset, by its folder (the one holding
+  `dataset_info.json`, e.g. `<data_dir>/codi_synthetic/default/1.0.0`)."""
+
+  builder_dir: str
+  split: str = "train"
+  weight: float = 1.0
+
+  def __post_init__(self):
+    object.__setattr__(self, "builder_dir", str(self.builder_dir))
+    if not os.path.isfile(os.path.join(self.builder_dir, "dataset_info.json")):
+      raise ValueError(f"TfdsSource: {self.builder_dir} is not a prepared tfds dataset folder "
+                       "(no dataset_info.json)")
+    _check_weight(self.weight, self.name)
+
+  @property
+  def name(self) -> str:
+    dataset = pathlib.Path(self.builder_dir).parents[1].name  # <dataset>/<config>/<version>
+    return f"tfds:{dataset}/{self.split}"
+
+  def open(self):
+    import tensorflow_datasets as tfds  # only tfds-backed pipelines need it
+
+    from codi_jax.data import builders
+    return builders.data_source(tfds.builder_from_directory(self.builder_dir), self.split)
+
+
+Source = SyntheticSource | RecordShards | TfdsSource
 
 
 def _check_weight(weight: float, name: str) -> None:
@@ -170,7 +199,7 @@ class StageData:
     if not sources:
       raise ValueError(f"StageData {self.name!r}: no sources")
     for s in sources:
-      if not isinstance(s, (SyntheticSource, RecordShards)):
+      if not isinstance(s, (SyntheticSource, RecordShards, TfdsSource)):
         raise TypeError(f"StageData {self.name!r}: unknown source {s!r}")
     object.__setattr__(self, "sources", sources)
     for field in ("image_size", "num_frames", "audio_samples", "sample_rate", "text_length"):
@@ -282,8 +311,9 @@ def _source_dataset(source: Source, spec: StageData) -> grain.MapDataset:
   if isinstance(source, SyntheticSource):
     decode = _DecodeSynthetic(spec, source.name, source.config.sample_rate)
     return grain.MapDataset.source(synthetic.SplitSource(source.config, source.split)).map(decode)
-  return grain.MapDataset.source(records.read_records(source.files())).map(
-      _DecodeRecord(spec, source.name))
+  examples = source.open() if isinstance(source, TfdsSource) else records.read_records(
+      source.files())
+  return grain.MapDataset.source(examples).map(_DecodeRecord(spec, source.name))
 
 
 def _derived_seed(seed: int, *path: int) -> int:

@@ -71,3 +71,22 @@ def test_records_builder_needs_shards(tmp_path):
       data_dir=tmp_path / "tfds", file_format="array_record")
   with pytest.raises(ValueError, match="no record shards"):
     builder.download_and_prepare()
+
+
+def test_pipeline_reads_a_prepared_dataset(tmp_path):
+  from codi_jax.data import pipeline
+
+  builder = builders.CodiSynthetic(
+      config=builders.CodiSyntheticConfig(name="tiny", synthetic=TINY), data_dir=tmp_path,
+      file_format="array_record")
+  builder.download_and_prepare()
+  source = pipeline.TfdsSource(builder.data_dir, "train")
+  assert source.name == "tfds:codi_synthetic/train"
+  spec = pipeline.stage_data("diffuse_image", [source], image_size=32)
+  batches = iter(pipeline.build_pipeline(spec, batch_size=3, seed=0, process_index=0,
+                                         process_count=1))
+  batch = next(batches)
+  assert sorted(batch["key"]) == sorted(synthetic.generate(TINY, "train", i).key for i in range(3))
+  assert batch["image"].shape == (3, 32, 32, 3) and len(batch["text"]) == 3
+  with pytest.raises(ValueError, match="not a prepared tfds dataset"):
+    pipeline.TfdsSource(tmp_path, "train")

@@ -336,8 +336,8 @@ def test_throughput_command_reports(tmp_path):
   out = tmp_path / "throughput.json"
   proc = subprocess.run(
       [sys.executable, "-m", "codi_jax.cli", "data-throughput", "--source", "synthetic",
-       "--stage", "latent_align_audio_text", "--batch-size", "2", "--steps", "3",
-       "--num-workers", "0", "--json", str(out)],
+       "--stage", "latent_align_audio_text", "--batch_size", "2", "--steps", "3",
+       "--num_workers", "0", "--json", str(out)],
       cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr
   report = json.loads(out.read_text())
