@@ -1,9 +1,9 @@
 """Latent/condition cache: CoDi's frozen encoders run once over a dataset, results on disk.
 
-Training the diffusers never changes the VAEs, Optimus, CLIP or CLAP (CODI_REFERENCE §1), so
-their outputs can be computed once. `build_cache` reads a random-access source of examples
-(our record shards, `records.read_records`, or the synthetic dataset, `synthetic.SplitSource`),
-preprocesses each modality as training does, runs the encoders batched and jitted (fixed batch shapes: one
+Training the diffusers never changes the VAEs, Optimus, CLIP or CLAP (CODI_REFERENCE §1), so their
+outputs can be computed once. `build_cache` reads a random-access source of examples (our record
+shards, `records.read_records`, or the synthetic dataset, `synthetic.SplitSource`), preprocesses
+each modality as training does, runs the encoders batched and jitted (fixed batch shapes: one
 compile per modality and shape) and writes ArrayRecord shards of one feature record per example:
 
   key, source                  0-d strings

@@ -17,9 +17,9 @@ Order of the pipeline (all `MapDataset`s, so an iterator's state is a few indice
 Examples lacking a needed modality are skipped where they are met (a deterministic filter), so a
 mixture may list sources that only partly fit a stage (weights then count draws, skipped ones
 included). Records whose media fail to decode are skipped with a logged warning. Because the
-processes take interleaved positions of one global sequence, together they see every example of a source's epoch exactly
-once. With worker processes each worker batches its own slice, so batch order depends on
-`num_workers` (still deterministic); a checkpoint restores onto the same `num_workers`.
+processes take interleaved positions of one global sequence, together they see every example of a
+source's epoch exactly once. With worker processes each worker batches its own slice, so batch order
+depends on `num_workers` (still deterministic); a checkpoint restores onto the same `num_workers`.
 
 Batches: `key`/`source`: B strings; `image` float32 [B, S, S, 3] and `video` [B, F, S, S, 3] in
 [-1, 1]; `audio` float32 [B, L]; `text`: B strings, plus `text_tokens` int32 [B, T] when a
