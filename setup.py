@@ -34,6 +34,8 @@ setup(
         "regex==2026.11.19",
         "ftfy==6.1.1",
         "tqdm==4.70.1",
+        # Reading and writing weight files without pickles (`codi-jax convert` / `export`).
+        "safetensors==0.8.0",
     ],
     extras_require={
         # libtpu, for AOT compilation against TPU topologies from a CPU machine.

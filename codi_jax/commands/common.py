@@ -1,4 +1,9 @@
-"""Flags shared by several subcommands (absl forbids defining one flag in two modules)."""
+"""Flags with one meaning across subcommands.
+
+`codi-jax` imports only the chosen command's module, so a command may define a flag whose name
+another command also uses (`--out`, `--ckpt`, ...); a test that needs two commands runs them as
+subprocesses, as users do.
+"""
 
 from __future__ import annotations
 

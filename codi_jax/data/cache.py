@@ -48,7 +48,7 @@ import numpy as np
 from array_record.python import array_record_data_source, array_record_module
 from tqdm import tqdm
 
-from codi_jax import components
+from codi_jax import checkpoint, components
 from codi_jax.audio.mel import FRAMES_PER_SECOND, HOP, SAMPLE_RATE
 from codi_jax.data import media, preprocess, records, synthetic
 from codi_jax.io_utils import atomic_write_json
@@ -121,32 +121,9 @@ def cache_config_from(config: Any, **overrides: Any) -> CacheConfig:
 
 # --- parameters and tokenizers --------------------------------------------------------------------
 
-def _variable_shapes(model: Mapping, name: str) -> PyTree:
-  c = components.component(name)
-  config = c.config(model)
-  shapes = nn.meta.unbox(c.param_shapes(config))
-  state = c.state_shapes(config)
-  return {"params": shapes, "batch_stats": nn.meta.unbox(state)} if state else shapes
-
-
 def random_encoder_params(model: Mapping, seed: int) -> dict[str, PyTree]:
-  """Random stand-in weights of every encoder, filled on the host from `jax.eval_shape` (no
-  compiled init): kernels ~ N(0, 1/fan_in), norm scales and running variances 1, biases and
-  running means 0, other tables ~ N(0, 0.02). For tests and demos; real runs load checkpoints."""
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf) -> np.ndarray:
-    name = getattr(path[-1], "key", str(path[-1]))
-    shape = tuple(leaf.shape)
-    if name in ("scale", "var"):
-      return np.ones(shape, np.float32)
-    if name in ("bias", "mean"):
-      return np.zeros(shape, np.float32)
-    std = 1 / np.sqrt(max(1, int(np.prod(shape[:-1])))) if name == "kernel" else 0.02
-    return rng.normal(0.0, std, shape).astype(np.float32)
-
-  return {name: jax.tree_util.tree_map_with_path(fill, _variable_shapes(model, name))
-          for name in ENCODERS}
+  """Random stand-in weights of every encoder (`checkpoint.random_params`); tests and demos."""
+  return checkpoint.random_params(model, seed, ENCODERS)
 
 
 def load_encoder_params(model: Mapping, params: Mapping[str, PyTree] | None = None, *,
@@ -161,16 +138,8 @@ def load_encoder_params(model: Mapping, params: Mapping[str, PyTree] | None = No
                      f"{sorted(params)}")
   out = {}
   for name in ENCODERS:
-    expected = _variable_shapes(model, name)
-    tree = nn.meta.unbox(params[name])
-    if jax.tree_util.tree_structure(tree) != jax.tree_util.tree_structure(expected):
-      raise ValueError(f"encoder params for {name!r} do not have the configured tree structure")
-    for (path, leaf), want in zip(jax.tree_util.tree_leaves_with_path(tree),
-                                  jax.tree_util.tree_leaves(expected)):
-      if tuple(np.shape(leaf)) != tuple(want.shape):
-        raise ValueError(f"encoder params for {name!r}: {jax.tree_util.keystr(path)} has shape "
-                         f"{np.shape(leaf)}, the config needs {want.shape}")
-    out[name] = tree
+    checkpoint.check_params(model, name, params[name])
+    out[name] = nn.meta.unbox(params[name])
   return out
 
 

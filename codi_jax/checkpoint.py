@@ -1,0 +1,439 @@
+"""Model checkpoints: one orbax item per CoDi part plus the run config, written atomically.
+
+A checkpoint directory holds
+
+  config.json          the run config (`configs/codi.py`) as JSON
+  <part>/              one orbax PyTree item per part present, part in `PARTS`
+
+`diffusers` is the `CoDiUNet` parameter tree, `clap` is {"params", "batch_stats"} (bn0's running
+statistics), every other part is its model's parameter tree (`codi_jax.components`). Trees are
+stored as float32 numpy leaves with plain (unboxed) names. The directory is built under a
+temporary name beside the target and renamed, so a reader never sees half a checkpoint.
+
+Conversion from the released PyTorch CoDi weights (`convert_files`, `codi-jax convert`) routes
+each original key to its part by prefix (`route`) and converts it with the part's `KeyMap`, one
+tensor at a time; `export_file` (`codi-jax export`) writes a checkpoint back to safetensors under
+the original names and layouts (`params_to_state`) or our paths (`params_to_flax_names`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import flax.traverse_util
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from codi_jax import components
+from codi_jax.convert import keymap, torch_io
+from codi_jax.models import codi
+
+PyTree = Any
+
+DIFFUSERS = "diffusers"
+PARTS = (DIFFUSERS,) + tuple(c.name for c in components.COMPONENTS)
+CONFIG_FILE = "config.json"
+DIFFUSERS_PREFIX = "model.diffusion_model."
+
+
+def _check_parts(parts: Sequence[str]) -> tuple[str, ...]:
+  unknown = [p for p in parts if p not in PARTS]
+  if unknown:
+    raise ValueError(f"unknown model parts {unknown}; choose from {list(PARTS)}")
+  return tuple(parts)
+
+
+def part_prefix(part: str) -> str:
+  """Where `part`'s keys live in the released CoDi state dict."""
+  _check_parts([part])
+  return DIFFUSERS_PREFIX if part == DIFFUSERS else components.component(part).prefix
+
+
+def part_keymap(part: str) -> keymap.KeyMap:
+  _check_parts([part])
+  return keymap.UNET if part == DIFFUSERS else components.component(part).keymap
+
+
+def part_shapes(model: Mapping, part: str) -> PyTree:
+  """Unboxed `ShapeDtypeStruct` tree of `part` for `config.model` (no memory allocated; cached
+  per model config, as tracing the full diffusers takes seconds)."""
+  _check_parts([part])
+  key = (part, json.dumps(_plain(model), sort_keys=True, default=str))
+  if key not in _SHAPES:
+    _SHAPES[key] = _part_shapes(model, part)
+  return _SHAPES[key]
+
+
+_SHAPES: dict[tuple[str, str], PyTree] = {}
+
+
+def _plain(model: Mapping) -> Any:
+  return model.to_dict() if isinstance(model, ml_collections.ConfigDict) else dict(model)
+
+
+def _part_shapes(model: Mapping, part: str) -> PyTree:
+  if part == DIFFUSERS:
+    return nn.meta.unbox(codi.param_shapes(codi.codi_config_from_dict(model)))
+  c = components.component(part)
+  typed = c.config(model)
+  shapes = nn.meta.unbox(c.param_shapes(typed))
+  state = c.state_shapes(typed)
+  return {"params": shapes, "batch_stats": nn.meta.unbox(state)} if state else shapes
+
+
+def random_params(model: Mapping, seed: int, parts: Sequence[str] | None = None
+                  ) -> dict[str, PyTree]:
+  """Random stand-in weights of `parts` (default all) of `config.model`, filled on the host from
+  the parts' shapes (no compiled init): kernels ~ N(0, 1/fan_in), norm scales and running
+  variances 1, biases and running means 0, other tables ~ N(0, 0.02). One generator draws the
+  parts in the given order. For tests and demos; real runs load checkpoints."""
+  parts = _check_parts(PARTS if parts is None else parts)
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf) -> np.ndarray:
+    name = getattr(path[-1], "key", str(path[-1]))
+    shape = tuple(leaf.shape)
+    if name in ("scale", "var"):
+      return np.ones(shape, np.float32)
+    if name in ("bias", "mean"):
+      return np.zeros(shape, np.float32)
+    std = 1 / np.sqrt(max(1, int(np.prod(shape[:-1])))) if name == "kernel" else 0.02
+    return rng.normal(0.0, std, shape).astype(np.float32)
+
+  return {p: jax.tree_util.tree_map_with_path(fill, part_shapes(model, p)) for p in parts}
+
+
+def random_model_params(config: ml_collections.ConfigDict, seed: int,
+                        parts: Sequence[str] | None = None) -> dict[str, PyTree]:
+  """`random_params` of a run config's model."""
+  return random_params(config.model, seed, parts)
+
+
+def _config_json(config: Any) -> str:
+  if isinstance(config, ml_collections.ConfigDict):
+    return config.to_json_best_effort(indent=2, sort_keys=True)
+  return json.dumps(config, indent=2, sort_keys=True, default=str)
+
+
+def save_model(directory: str | os.PathLike, params: Mapping[str, PyTree], config: Any, *,
+               overwrite: bool = False) -> None:
+  """Writes `params` ({part: tree}, any non-empty subset of `PARTS`) and `config` to `directory`.
+
+  Leaves are stored as float32 (integers kept). The checkpoint is assembled in a temporary
+  directory beside `directory` and renamed into place; an existing `directory` is an error
+  unless `overwrite`.
+  """
+  if not params:
+    raise ValueError("save_model: no parts to save")
+  _check_parts(list(params))
+  directory = pathlib.Path(directory).absolute()
+  if directory.exists() and not overwrite:
+    raise ValueError(f"{directory} already exists (pass overwrite=True to replace it)")
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+  try:
+    # No compression: float weights barely compress, and tensorstore's compressed write
+    # path holds about two extra copies of the tree while saving (one without).
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False))
+    for part, tree in params.items():
+      tree = jax.tree_util.tree_map(_host_float32, nn.meta.unbox(tree))
+      checkpointer.save(tmp / part, tree)
+    (tmp / CONFIG_FILE).write_text(_config_json(config))
+    if directory.exists():
+      old = directory.with_name(f".{directory.name}.old")
+      shutil.rmtree(old, ignore_errors=True)
+      os.replace(directory, old)
+      os.replace(tmp, directory)
+      shutil.rmtree(old)
+    else:
+      os.replace(tmp, directory)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def _host_float32(x: Any) -> np.ndarray:
+  x = np.asarray(x)
+  return x.astype(np.float32, copy=False) if np.issubdtype(x.dtype, np.floating) else x
+
+
+def saved_parts(directory: str | os.PathLike) -> tuple[str, ...]:
+  """The parts a checkpoint directory holds, in `PARTS` order."""
+  directory = pathlib.Path(directory)
+  return tuple(p for p in PARTS if (directory / p).is_dir())
+
+
+def load_config(directory: str | os.PathLike) -> ml_collections.ConfigDict:
+  path = pathlib.Path(directory) / CONFIG_FILE
+  if not path.is_file():
+    raise ValueError(f"{directory} is not a CoDi checkpoint: {CONFIG_FILE} is missing")
+  try:
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"corrupt checkpoint config {path}: {e}") from e
+
+
+def load_model(directory: str | os.PathLike, parts: Sequence[str] | None = None
+               ) -> tuple[ml_collections.ConfigDict, dict[str, PyTree]]:
+  """(config, {part: numpy tree}) of a checkpoint written by `save_model`.
+
+  `parts` defaults to every part the checkpoint holds; a requested part that is absent, or an
+  item orbax cannot read, raises ValueError naming it.
+  """
+  directory = pathlib.Path(directory)
+  if not directory.is_dir():
+    raise ValueError(f"checkpoint directory {directory} does not exist")
+  config = load_config(directory)
+  present = saved_parts(directory)
+  parts = present if parts is None else _check_parts(parts)
+  missing = [p for p in parts if p not in present]
+  if missing:
+    raise ValueError(f"checkpoint {directory} has no {missing} (it holds {list(present)})")
+  if not parts:
+    raise ValueError(f"checkpoint {directory} holds no model parts")
+  checkpointer = ocp.PyTreeCheckpointer()
+  out = {}
+  for part in parts:
+    try:
+      out[part] = checkpointer.restore((directory / part).absolute())
+    except Exception as e:  # orbax raises many types (OSError, ValueError, tensorstore errors)
+      raise ValueError(f"corrupt checkpoint part {part!r} in {directory}: "
+                       f"{type(e).__name__}: {e}") from e
+  return config, out
+
+
+def check_params(model: Mapping, part: str, tree: PyTree) -> None:
+  """Raises ValueError unless `tree` has exactly `part`'s configured structure and shapes."""
+  expected = part_shapes(model, part)
+  got = nn.meta.unbox(tree)
+  if jax.tree_util.tree_structure(got) != jax.tree_util.tree_structure(expected):
+    raise ValueError(f"params for {part!r} do not have the configured tree structure")
+  for (path, leaf), want in zip(jax.tree_util.tree_leaves_with_path(got),
+                                jax.tree_util.tree_leaves(expected)):
+    if tuple(np.shape(leaf)) != tuple(want.shape):
+      raise ValueError(f"params for {part!r}: {jax.tree_util.keystr(path)} has shape "
+                       f"{np.shape(leaf)}, the config needs {tuple(want.shape)}")
+
+
+# --- conversion from / to the original's state-dict names ----------------------------------------
+
+# The original's DDPM schedule buffers (top-level keys of the CoDi state dict): recomputed by
+# `codi_jax.diffusion`, never loaded.
+SCHEDULE_BUFFERS = frozenset((
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+    "posterior_mean_coef1", "posterior_mean_coef2"))
+
+
+def route(key: str) -> str | None:
+  """The part owning an original state-dict key: longest matching prefix (so
+  `audioldm.vocoder.*` is the vocoder, other `audioldm.*` the audio VAE); None if no part."""
+  best = None
+  for part in PARTS:
+    prefix = part_prefix(part)
+    if key.startswith(prefix) and (best is None or len(prefix) > len(part_prefix(best))):
+      best = part
+  return best
+
+
+class _Subset(Mapping):
+  """A lazy view of some keys of a state dict (reads nothing until indexed)."""
+
+  def __init__(self, state: Mapping[str, np.ndarray], keys: Sequence[str]):
+    self._state, self._keys = state, frozenset(keys)
+
+  def __getitem__(self, key: str) -> np.ndarray:
+    if key not in self._keys:
+      raise KeyError(key)
+    return self._state[key]
+
+  def __iter__(self):
+    return iter(sorted(self._keys))
+
+  def __len__(self) -> int:
+    return len(self._keys)
+
+  def __contains__(self, key: object) -> bool:
+    return key in self._keys
+
+
+def _merge(a: keymap.ConversionReport, b: keymap.ConversionReport) -> keymap.ConversionReport:
+  return keymap.ConversionReport(a.loaded + b.loaded, a.buffers + b.buffers,
+                                 a.missing + b.missing, a.unexpected + b.unexpected,
+                                 a.mismatched + b.mismatched)
+
+
+def part_from_state(model: Mapping, part: str, state: Mapping[str, np.ndarray]
+                    ) -> tuple[PyTree, keymap.ConversionReport]:
+  """`part`'s tree from the state-dict keys routed to it (original names, any float dtype; read
+  one tensor at a time, cast to float32). Every key of `state` is owned by the part."""
+  km, prefix, shapes = part_keymap(part), part_prefix(part), part_shapes(model, part)
+  if not (isinstance(shapes, dict) and set(shapes) == {"params", "batch_stats"}):
+    return km.to_flax(state, shapes, prefix=prefix, owns=lambda k: True)
+  stats = {km.torch_key(path, prefix) for path in
+           flax.traverse_util.flatten_dict(shapes["batch_stats"])}
+  params, r1 = km.to_flax(state, shapes["params"], prefix=prefix, owns=lambda k: k not in stats)
+  batch_stats, r2 = km.to_flax(state, shapes["batch_stats"], prefix=prefix,
+                               owns=lambda k: k in stats)
+  return {"params": params, "batch_stats": batch_stats}, _merge(r1, r2)
+
+
+def params_from_state(model: Mapping, state: Mapping[str, np.ndarray],
+                      parts: Sequence[str] | None = None
+                      ) -> tuple[dict[str, PyTree], dict[str, keymap.ConversionReport], list[str],
+                                 int]:
+  """Routes every key of an original CoDi state dict to its part and converts each part.
+
+  Returns ({part: tree}, {part: report}, keys outside every part (not schedule buffers), number
+  of schedule buffers skipped). Trees may be incomplete: check the reports.
+  """
+  parts = _check_parts(PARTS if parts is None else parts)
+  routed: dict[str, list[str]] = {p: [] for p in PARTS}
+  unrouted, schedule = [], 0
+  for key in state:
+    part = route(key)
+    if part is not None:
+      routed[part].append(key)
+    elif key in SCHEDULE_BUFFERS:
+      schedule += 1
+    else:
+      unrouted.append(key)
+  for part in PARTS:
+    if part not in parts:
+      unrouted += routed[part]
+  trees, reports = {}, {}
+  for part in parts:
+    trees[part], reports[part] = part_from_state(model, part, _Subset(state, routed[part]))
+  return trees, reports, sorted(unrouted), schedule
+
+
+def params_to_state(params: Mapping[str, PyTree]) -> dict[str, np.ndarray]:
+  """{part: tree} -> {original key: array in the original layout} (parameters and CLAP's running
+  statistics; deterministic buffers the original registers are not included)."""
+  out = {}
+  for part, tree in params.items():
+    km, prefix = part_keymap(part), part_prefix(part)
+    tree = nn.meta.unbox(tree)
+    subtrees = ([tree["params"], tree["batch_stats"]]
+                if isinstance(tree, Mapping) and set(tree) == {"params", "batch_stats"} else [tree])
+    for sub in subtrees:
+      out.update(km.to_state(sub, prefix=prefix))
+  return out
+
+
+def params_to_flax_names(params: Mapping[str, PyTree]) -> dict[str, np.ndarray]:
+  """{part: tree} -> {"<part>/<path joined by '/'>": array} in our layouts."""
+  out = {}
+  for part, tree in params.items():
+    flat = flax.traverse_util.flatten_dict(nn.meta.unbox(tree))
+    out.update({"/".join((part,) + path): np.asarray(v) for path, v in flat.items()})
+  return out
+
+
+class ConversionError(ValueError):
+  """The weight files do not match the configured model; the message holds the table."""
+
+
+@dataclasses.dataclass
+class ConversionResult:
+  reports: dict[str, keymap.ConversionReport]
+  unrouted: list[str]  # keys under no part's prefix (and not schedule buffers)
+  schedule_buffers: int  # DDPM schedule buffers skipped (recomputed)
+  disallowed_missing: dict[str, list[str]]  # part -> missing keys not under --allow-missing
+  incomplete: list[str]  # parts partly loaded, missing keys allowed
+  parts: list[str]  # parts written (or to write)
+
+  @property
+  def ok(self) -> bool:
+    return not (self.unrouted or self.incomplete or any(self.disallowed_missing.values())
+                or any(r.unexpected or r.mismatched for r in self.reports.values()))
+
+  def table(self, limit: int = 20) -> str:
+    head = ("part", "loaded", "missing", "unexpected", "mismatched", "buffers", "status")
+    rows = [head]
+    for part, r in self.reports.items():
+      status = ("complete" if part in self.parts else
+                "INCOMPLETE" if part in self.incomplete else
+                "MISSING" if self.disallowed_missing.get(part) else
+                "BAD" if r.unexpected or r.mismatched else "absent (allowed)")
+      rows.append((part, r.loaded, len(r.missing), len(r.unexpected), len(r.mismatched),
+                   r.buffers, status))
+    rows.append(("(no part)", 0, 0, len(self.unrouted), 0, self.schedule_buffers,
+                 "BAD" if self.unrouted else "ok"))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(str(v).rjust(w) if isinstance(v, int) else str(v).ljust(w)
+                       for v, w in zip(row, widths)) for row in rows]
+    details = []
+    for part, r in self.reports.items():
+      if not r.loaded and self.disallowed_missing.get(part):
+        details.append(f"{part}: absent ({len(r.missing)} keys missing); pass --allow-missing "
+                       f"{part_prefix(part)} to convert without it")
+        continue
+      for kind, keys in (("missing", self.disallowed_missing.get(part, [])),
+                         ("unexpected", r.unexpected), ("mismatched", r.mismatched)):
+        if keys:
+          shown = "\n    ".join(keys[:limit])
+          more = f"\n    ... and {len(keys) - limit} more" if len(keys) > limit else ""
+          details.append(f"{part}: {len(keys)} {kind}:\n    {shown}{more}")
+    if self.unrouted:
+      details.append(f"{len(self.unrouted)} keys under no known prefix:\n    "
+                     + "\n    ".join(self.unrouted[:limit]))
+    for part in self.incomplete:
+      details.append(f"{part}: loaded in part ({len(self.reports[part].missing)} keys allowed "
+                     "missing); configure the model without them to convert it")
+    return "\n".join(lines + details)
+
+
+def convert_state(state: Any, config: Any, allow_missing: Sequence[str] = ()
+                  ) -> tuple[dict[str, Any], ConversionResult]:
+  """(trees of the fully loaded parts, result) of an original CoDi state dict."""
+  trees, reports, unrouted, schedule = params_from_state(config.model, state)
+  allowed = tuple(allow_missing)
+  disallowed = {p: [k for k in r.missing if not k.startswith(allowed)]
+                for p, r in reports.items()}
+  incomplete = [p for p, r in reports.items() if r.loaded and r.missing]
+  parts = [p for p, r in reports.items() if r.loaded and not r.missing]
+  result = ConversionResult(reports, unrouted, schedule, disallowed, incomplete, parts)
+  return {p: trees[p] for p in parts}, result
+
+
+def convert_files(paths: Sequence[str | os.PathLike], config: Any, out: str | os.PathLike, *,
+                  allow_missing: Sequence[str] = (), overwrite: bool = False
+                  ) -> ConversionResult:
+  """Converts weight files into a checkpoint at `out`; raises ConversionError (with the table)
+  when they do not match `config`'s model."""
+  state = torch_io.open_states(paths)
+  trees, result = convert_state(state, config, allow_missing)
+  del state  # unmaps the input files before saving: about one model copy is held
+  if not result.ok:
+    raise ConversionError("weight files do not match the model:\n" + result.table())
+  if not trees:
+    raise ConversionError("no part was loaded:\n" + result.table())
+  save_model(out, trees, config, overwrite=overwrite)
+  logging.info("wrote %s with parts %s", out, result.parts)
+  return result
+
+
+def export_file(ckpt: str | os.PathLike, out: str | os.PathLike, *, names: str = "torch",
+           parts: Sequence[str] | None = None) -> int:
+  """Writes the checkpoint's `parts` to a safetensors file; returns the number of tensors."""
+  if names not in ("torch", "flax"):
+    raise ValueError(f"names must be 'torch' or 'flax', got {names!r}")
+  config, params = load_model(ckpt, parts)
+  tensors = (params_to_state(params) if names == "torch"
+             else params_to_flax_names(params))
+  metadata = {"format": "pt" if names == "torch" else "flax", "names": names,
+              "parts": json.dumps(sorted(params)), "config": config.to_json_best_effort()}
+  torch_io.write_safetensors(out, tensors, metadata)
+  return len(tensors)

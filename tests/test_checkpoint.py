@@ -1,0 +1,120 @@
+"""Model checkpoints: save/load round trip, random parameters, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from codi_jax import checkpoint
+from codi_jax.data import cache
+from configs.codi import get_config
+
+PARTS = ("hifigan_vocoder", "clap")  # small, and clap has batch_stats
+
+
+@pytest.fixture(scope="module")
+def config():
+  return get_config("tiny")
+
+
+@pytest.fixture(scope="module")
+def params(config):
+  return checkpoint.random_model_params(config, seed=3, parts=PARTS)
+
+
+def test_random_params_match_the_shapes(config, params):
+  assert set(params) == set(PARTS)
+  assert set(params["clap"]) == {"params", "batch_stats"}
+  for part in PARTS:
+    shapes = checkpoint.part_shapes(config.model, part)
+    assert jax.tree_util.tree_structure(params[part]) == jax.tree_util.tree_structure(shapes)
+    for leaf, want in zip(jax.tree_util.tree_leaves(params[part]),
+                          jax.tree_util.tree_leaves(shapes)):
+      assert leaf.shape == want.shape and leaf.dtype == np.float32
+  again = checkpoint.random_model_params(config, seed=3, parts=PARTS)
+  other = checkpoint.random_model_params(config, seed=4, parts=PARTS)
+  leaves = lambda p: jax.tree_util.tree_leaves(p["hifigan_vocoder"])
+  assert all(np.array_equal(a, b) for a, b in zip(leaves(params), leaves(again)))
+  assert not all(np.array_equal(a, b) for a, b in zip(leaves(params), leaves(other)))
+
+
+def test_cache_uses_the_same_random_params(config):
+  got = cache.random_encoder_params(config.model, seed=1)
+  want = checkpoint.random_params(config.model, 1, cache.ENCODERS)
+  assert set(got) == set(cache.ENCODERS)
+  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_save_load_round_trip(config, params, tmp_path):
+  checkpoint.save_model(tmp_path / "ckpt", params, config)
+  assert checkpoint.saved_parts(tmp_path / "ckpt") == ("hifigan_vocoder", "clap")
+  assert not [p for p in tmp_path.iterdir() if p.name != "ckpt"]  # no temporary left
+  loaded_config, loaded = checkpoint.load_model(tmp_path / "ckpt")
+  assert loaded_config.to_dict() == json.loads(config.to_json_best_effort())  # tuples -> lists
+  assert checkpoint.part_shapes(loaded_config.model, "clap") == checkpoint.part_shapes(
+      config.model, "clap")
+  assert jax.tree_util.tree_structure(loaded) == jax.tree_util.tree_structure(params)
+  for a, b in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(params)):
+    assert isinstance(a, np.ndarray)
+    np.testing.assert_array_equal(a, b)
+  _, only = checkpoint.load_model(tmp_path / "ckpt", ["clap"])
+  assert set(only) == {"clap"}
+  checkpoint.check_params(config.model, "clap", only["clap"])
+
+
+def test_save_refuses_to_overwrite_unless_asked(config, params, tmp_path):
+  one = {"hifigan_vocoder": params["hifigan_vocoder"]}
+  checkpoint.save_model(tmp_path / "ckpt", one, config)
+  with pytest.raises(ValueError, match="already exists"):
+    checkpoint.save_model(tmp_path / "ckpt", {"clap": params["clap"]}, config)
+  checkpoint.save_model(tmp_path / "ckpt", {"clap": params["clap"]}, config, overwrite=True)
+  assert checkpoint.saved_parts(tmp_path / "ckpt") == ("clap",)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+@pytest.mark.parametrize("bad, match", [({}, "no parts"), ({"unet": {}}, "unknown model parts")])
+def test_save_rejects_bad_parts(config, tmp_path, bad, match):
+  with pytest.raises(ValueError, match=match):
+    checkpoint.save_model(tmp_path / "ckpt", bad, config)
+
+
+def test_load_errors(config, params, tmp_path):
+  with pytest.raises(ValueError, match="does not exist"):
+    checkpoint.load_model(tmp_path / "nothing")
+  ckpt = tmp_path / "ckpt"
+  checkpoint.save_model(ckpt, {"hifigan_vocoder": params["hifigan_vocoder"]}, config)
+  with pytest.raises(ValueError, match=r"has no \['clap'\]"):
+    checkpoint.load_model(ckpt, ["clap"])
+  with pytest.raises(ValueError, match="unknown model parts"):
+    checkpoint.load_model(ckpt, ["vae"])
+  # Corrupt every data file of the part: orbax cannot read it.
+  for f in (ckpt / "hifigan_vocoder").rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"garbage")
+  with pytest.raises(ValueError, match="corrupt checkpoint part 'hifigan_vocoder'"):
+    checkpoint.load_model(ckpt)
+  (ckpt / "config.json").write_text("{not json")
+  with pytest.raises(ValueError, match="corrupt checkpoint config"):
+    checkpoint.load_model(ckpt)
+  (ckpt / "config.json").unlink()
+  with pytest.raises(ValueError, match="config.json is missing"):
+    checkpoint.load_model(ckpt)
+
+
+def test_check_params_names_the_bad_leaf(config, params):
+  tree = jax.tree_util.tree_map(np.copy, params["hifigan_vocoder"])
+  tree["conv_pre"]["bias"] = np.zeros(3, np.float32)
+  match = r"'hifigan_vocoder': \['conv_pre'\]\['bias'\] has shape \(3,\)"
+  with pytest.raises(ValueError, match=match):
+    checkpoint.check_params(config.model, "hifigan_vocoder", tree)
+
+
+def test_route_takes_the_longest_prefix():
+  assert checkpoint.route("audioldm.vocoder.conv_pre.weight") == "hifigan_vocoder"
+  assert checkpoint.route("audioldm.encoder.conv_in.weight") == "audioldm_vae"
+  assert checkpoint.route("model.diffusion_model.unet_text.out.0.weight") == "diffusers"
+  assert checkpoint.route("clip.logit_scale") is None
