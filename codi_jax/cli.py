@@ -18,6 +18,7 @@ COMMANDS = {
     "import-data": ("codi_jax.commands.import_data", "WebDataset shards / manifests -> records"),
     "build-dataset": ("codi_jax.commands.build_dataset", "write a tfds dataset (ArrayRecord)"),
     "cache": ("codi_jax.commands.cache", "run frozen encoders once: cached latents + tokens"),
+    "generate": ("codi_jax.commands.generate", "any-to-any generation from a model checkpoint"),
     "convert": ("codi_jax.commands.convert", "released PyTorch CoDi weights -> a checkpoint"),
     "export": ("codi_jax.commands.export", "a checkpoint -> safetensors (torch or flax names)"),
 }
