@@ -36,14 +36,11 @@ import orbax.checkpoint as ocp
 
 from codi_jax import components
 from codi_jax.convert import keymap, torch_io
-from codi_jax.models import codi
 
 PyTree = Any
 
-DIFFUSERS = "diffusers"
-PARTS = (DIFFUSERS,) + tuple(c.name for c in components.COMPONENTS)
+PARTS = tuple(c.name for c in components.PARTS)
 CONFIG_FILE = "config.json"
-DIFFUSERS_PREFIX = "model.diffusion_model."
 
 
 def _check_parts(parts: Sequence[str]) -> tuple[str, ...]:
@@ -56,12 +53,12 @@ def _check_parts(parts: Sequence[str]) -> tuple[str, ...]:
 def part_prefix(part: str) -> str:
   """Where `part`'s keys live in the released CoDi state dict."""
   _check_parts([part])
-  return DIFFUSERS_PREFIX if part == DIFFUSERS else components.component(part).prefix
+  return components.component(part).prefix
 
 
 def part_keymap(part: str) -> keymap.KeyMap:
   _check_parts([part])
-  return keymap.UNET if part == DIFFUSERS else components.component(part).keymap
+  return components.component(part).keymap
 
 
 def part_shapes(model: Mapping, part: str) -> PyTree:
@@ -82,8 +79,6 @@ def _plain(model: Mapping) -> Any:
 
 
 def _part_shapes(model: Mapping, part: str) -> PyTree:
-  if part == DIFFUSERS:
-    return nn.meta.unbox(codi.param_shapes(codi.codi_config_from_dict(model)))
   c = components.component(part)
   typed = c.config(model)
   shapes = nn.meta.unbox(c.param_shapes(typed))

@@ -1,7 +1,8 @@
-"""The non-diffuser parts of CoDi, one row each: typed config, parameter shapes, checkpoint keys.
+"""The parts of CoDi, one row each: typed config, parameter shapes, checkpoint keys.
 
 `config.model` of `configs/codi.py` holds one field dict per part (`image_vae`, `audio_vae`,
-`vocoder`, `optimus`, `clip`, `clap`); the builders here turn them into the models' typed configs.
+`vocoder`, `optimus`, `clip`, `clap`; the diffusers read `image`/`text`/`audio`); the builders here
+turn them into the models' typed configs.
 Each row also names the part as `manifest_full.json` does and where its keys live in the
 released CoDi state dict, so parameter reports and checkpoint conversion share one table.
 """
@@ -12,7 +13,7 @@ import dataclasses
 from typing import Any, Callable, Mapping
 
 from codi_jax.convert import keymap
-from codi_jax.models import autoencoder, clap, clip, optimus, vocoder
+from codi_jax.models import autoencoder, clap, clip, codi, optimus, vocoder
 
 PyTree = Any
 
@@ -82,8 +83,16 @@ COMPONENTS: tuple[Component, ...] = (
 )
 
 
+# The three diffusers as one part (the manifest counts them per branch: `param_report`).
+DIFFUSERS = Component("diffusers", "model.diffusion_model.", keymap.UNET,
+                      codi.codi_config_from_dict, codi.param_shapes)
+
+# Every part of a CoDi checkpoint, in order.
+PARTS: tuple[Component, ...] = (DIFFUSERS,) + COMPONENTS
+
+
 def component(name: str) -> Component:
-  for c in COMPONENTS:
+  for c in PARTS:
     if c.name == name:
       return c
-  raise ValueError(f"unknown component {name!r}; choose one of {[c.name for c in COMPONENTS]}")
+  raise ValueError(f"unknown component {name!r}; choose one of {[c.name for c in PARTS]}")
