@@ -11,13 +11,17 @@ stored as float32 numpy leaves with plain (unboxed) names. The directory is buil
 temporary name beside the target and renamed, so a reader never sees half a checkpoint.
 
 Conversion from the released PyTorch CoDi weights (`convert_files`, `codi-jax convert`) routes
-each original key to its part by prefix (`route`) and converts it with the part's `KeyMap`, one
-tensor at a time; `export_file` (`codi-jax export`) writes a checkpoint back to safetensors under
-the original names and layouts (`params_to_state`) or our paths (`params_to_flax_names`).
+each original key to its part by prefix (`route`), checks every part against its `KeyMap` from
+the files' indices alone (`check_state`: nothing read yet), then converts and writes one part at a
+time, reading one tensor at a time, so it holds at most one part in float32. `export_file`
+(`codi-jax export`) writes a checkpoint back to safetensors under the original names and layouts
+with every buffer the original's state dict holds (`params_to_state`), or under our paths
+(`params_to_flax_names`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -25,7 +29,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import flax.traverse_util
@@ -35,7 +39,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from codi_jax import components
-from codi_jax.convert import keymap, torch_io
+from codi_jax.convert import buffers, keymap, torch_io
+from codi_jax.diffusion.schedule import ScheduleConfig
 
 PyTree = Any
 
@@ -120,30 +125,18 @@ def _config_json(config: Any) -> str:
   return json.dumps(config, indent=2, sort_keys=True, default=str)
 
 
-def save_model(directory: str | os.PathLike, params: Mapping[str, PyTree], config: Any, *,
-               overwrite: bool = False) -> None:
-  """Writes `params` ({part: tree}, any non-empty subset of `PARTS`) and `config` to `directory`.
-
-  Leaves are stored as float32 (integers kept). The checkpoint is assembled in a temporary
-  directory beside `directory` and renamed into place; an existing `directory` is an error
-  unless `overwrite`.
-  """
-  if not params:
-    raise ValueError("save_model: no parts to save")
-  _check_parts(list(params))
+@contextlib.contextmanager
+def _staged(directory: str | os.PathLike, overwrite: bool) -> Iterator[pathlib.Path]:
+  """A temporary directory beside `directory` that becomes it when the block succeeds and is
+  removed when it fails, so `directory` is never half written. An existing `directory` is an
+  error unless `overwrite`."""
   directory = pathlib.Path(directory).absolute()
   if directory.exists() and not overwrite:
     raise ValueError(f"{directory} already exists (pass overwrite=True to replace it)")
   directory.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
   try:
-    # No compression: float weights barely compress, and tensorstore's compressed write
-    # path holds about two extra copies of the tree while saving (one without).
-    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False))
-    for part, tree in params.items():
-      tree = jax.tree_util.tree_map(_host_float32, nn.meta.unbox(tree))
-      checkpointer.save(tmp / part, tree)
-    (tmp / CONFIG_FILE).write_text(_config_json(config))
+    yield tmp
     if directory.exists():
       old = directory.with_name(f".{directory.name}.old")
       shutil.rmtree(old, ignore_errors=True)
@@ -155,6 +148,36 @@ def save_model(directory: str | os.PathLike, params: Mapping[str, PyTree], confi
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def _save_part(directory: pathlib.Path, part: str, tree: PyTree) -> None:
+  """One part as an orbax PyTree item at `directory / part` (float32 numpy leaves)."""
+  # No compression: float weights barely compress, and tensorstore's compressed write path holds
+  # about two extra copies of the tree. No defensive copy either (orbax deep-copies host arrays
+  # by default, in case they change during an async save): this save is synchronous.
+  registry = ocp.type_handlers.create_type_handler_registry(
+      (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+      (jax.Array, ocp.type_handlers.ArrayHandler()))  # unused (leaves are numpy); orbax wants one
+  checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(
+      use_compression=False, type_handler_registry=registry))
+  checkpointer.save(directory / part, jax.tree_util.tree_map(_host_float32, nn.meta.unbox(tree)))
+
+
+def save_model(directory: str | os.PathLike, params: Mapping[str, PyTree], config: Any, *,
+               overwrite: bool = False) -> None:
+  """Writes `params` ({part: tree}, any non-empty subset of `PARTS`) and `config` to `directory`.
+
+  Leaves are stored as float32 (integers kept). The checkpoint is assembled in a temporary
+  directory beside `directory` and renamed into place; an existing `directory` is an error
+  unless `overwrite`.
+  """
+  if not params:
+    raise ValueError("save_model: no parts to save")
+  _check_parts(list(params))
+  with _staged(directory, overwrite) as tmp:
+    for part, tree in params.items():
+      _save_part(tmp, part, tree)
+    (tmp / CONFIG_FILE).write_text(_config_json(config))
 
 
 def _host_float32(x: Any) -> np.ndarray:
@@ -223,12 +246,8 @@ def check_params(model: Mapping, part: str, tree: PyTree) -> None:
 # --- conversion from / to the original's state-dict names ----------------------------------------
 
 # The original's DDPM schedule buffers (top-level keys of the CoDi state dict): recomputed by
-# `codi_jax.diffusion`, never loaded.
-SCHEDULE_BUFFERS = frozenset((
-    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
-    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
-    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
-    "posterior_mean_coef1", "posterior_mean_coef2"))
+# `codi_jax.diffusion`, never loaded; export writes them back with the diffusers.
+SCHEDULE_BUFFERS = frozenset(buffers.SCHEDULE)
 
 
 def route(key: str) -> str | None:
@@ -247,6 +266,9 @@ class _Subset(Mapping):
 
   def __init__(self, state: Mapping[str, np.ndarray], keys: Sequence[str]):
     self._state, self._keys = state, frozenset(keys)
+
+  def shapes(self) -> dict[str, tuple[int, ...]]:
+    return {k: v for k, v in keymap.state_shapes(self._state).items() if k in self._keys}
 
   def __getitem__(self, key: str) -> np.ndarray:
     if key not in self._keys:
@@ -269,71 +291,39 @@ def _merge(a: keymap.ConversionReport, b: keymap.ConversionReport) -> keymap.Con
                                  a.mismatched + b.mismatched)
 
 
+def _targets(model: Mapping, part: str) -> list[tuple[str | None, PyTree, Callable[[str], bool]]]:
+  """(collection, shapes, owns) of the trees `part`'s keys convert into: its one tree, or CLAP's
+  "params" and "batch_stats" (bn0's running statistics, by key)."""
+  km, prefix, shapes = part_keymap(part), part_prefix(part), part_shapes(model, part)
+  if not (isinstance(shapes, dict) and set(shapes) == {"params", "batch_stats"}):
+    return [(None, shapes, lambda k: True)]
+  stats = {km.torch_key(path, prefix) for path in
+           flax.traverse_util.flatten_dict(shapes["batch_stats"])}
+  return [("params", shapes["params"], lambda k: k not in stats),
+          ("batch_stats", shapes["batch_stats"], lambda k: k in stats)]
+
+
+def _part_report(model: Mapping, part: str, shapes: Mapping[str, tuple[int, ...]]
+                 ) -> keymap.ConversionReport:
+  """What converting `part` from the keys routed to it (`shapes`: key -> shape) would find; reads
+  nothing."""
+  km, prefix = part_keymap(part), part_prefix(part)
+  report = keymap.ConversionReport()
+  for _, target, owns in _targets(model, part):
+    report = _merge(report, km.match(shapes, target, prefix=prefix, owns=owns)[1])
+  return report
+
+
 def part_from_state(model: Mapping, part: str, state: Mapping[str, np.ndarray]
                     ) -> tuple[PyTree, keymap.ConversionReport]:
   """`part`'s tree from the state-dict keys routed to it (original names, any float dtype; read
   one tensor at a time, cast to float32). Every key of `state` is owned by the part."""
-  km, prefix, shapes = part_keymap(part), part_prefix(part), part_shapes(model, part)
-  if not (isinstance(shapes, dict) and set(shapes) == {"params", "batch_stats"}):
-    return km.to_flax(state, shapes, prefix=prefix, owns=lambda k: True)
-  stats = {km.torch_key(path, prefix) for path in
-           flax.traverse_util.flatten_dict(shapes["batch_stats"])}
-  params, r1 = km.to_flax(state, shapes["params"], prefix=prefix, owns=lambda k: k not in stats)
-  batch_stats, r2 = km.to_flax(state, shapes["batch_stats"], prefix=prefix,
-                               owns=lambda k: k in stats)
-  return {"params": params, "batch_stats": batch_stats}, _merge(r1, r2)
-
-
-def params_from_state(model: Mapping, state: Mapping[str, np.ndarray],
-                      parts: Sequence[str] | None = None
-                      ) -> tuple[dict[str, PyTree], dict[str, keymap.ConversionReport], list[str],
-                                 int]:
-  """Routes every key of an original CoDi state dict to its part and converts each part.
-
-  Returns ({part: tree}, {part: report}, keys outside every part (not schedule buffers), number
-  of schedule buffers skipped). Trees may be incomplete: check the reports.
-  """
-  parts = _check_parts(PARTS if parts is None else parts)
-  routed: dict[str, list[str]] = {p: [] for p in PARTS}
-  unrouted, schedule = [], 0
-  for key in state:
-    part = route(key)
-    if part is not None:
-      routed[part].append(key)
-    elif key in SCHEDULE_BUFFERS:
-      schedule += 1
-    else:
-      unrouted.append(key)
-  for part in PARTS:
-    if part not in parts:
-      unrouted += routed[part]
-  trees, reports = {}, {}
-  for part in parts:
-    trees[part], reports[part] = part_from_state(model, part, _Subset(state, routed[part]))
-  return trees, reports, sorted(unrouted), schedule
-
-
-def params_to_state(params: Mapping[str, PyTree]) -> dict[str, np.ndarray]:
-  """{part: tree} -> {original key: array in the original layout} (parameters and CLAP's running
-  statistics; deterministic buffers the original registers are not included)."""
-  out = {}
-  for part, tree in params.items():
-    km, prefix = part_keymap(part), part_prefix(part)
-    tree = nn.meta.unbox(tree)
-    subtrees = ([tree["params"], tree["batch_stats"]]
-                if isinstance(tree, Mapping) and set(tree) == {"params", "batch_stats"} else [tree])
-    for sub in subtrees:
-      out.update(km.to_state(sub, prefix=prefix))
-  return out
-
-
-def params_to_flax_names(params: Mapping[str, PyTree]) -> dict[str, np.ndarray]:
-  """{part: tree} -> {"<part>/<path joined by '/'>": array} in our layouts."""
-  out = {}
-  for part, tree in params.items():
-    flat = flax.traverse_util.flatten_dict(nn.meta.unbox(tree))
-    out.update({"/".join((part,) + path): np.asarray(v) for path, v in flat.items()})
-  return out
+  km, prefix = part_keymap(part), part_prefix(part)
+  trees, report = {}, keymap.ConversionReport()
+  for collection, target, owns in _targets(model, part):
+    trees[collection], r = km.to_flax(state, target, prefix=prefix, owns=owns)
+    report = _merge(report, r)
+  return (trees[None] if None in trees else trees), report
 
 
 class ConversionError(ValueError):
@@ -348,6 +338,7 @@ class ConversionResult:
   disallowed_missing: dict[str, list[str]]  # part -> missing keys not under --allow-missing
   incomplete: list[str]  # parts partly loaded, missing keys allowed
   parts: list[str]  # parts written (or to write)
+  routed: dict[str, list[str]] = dataclasses.field(default_factory=dict, repr=False)  # part -> keys
 
   @property
   def ok(self) -> bool:
@@ -390,43 +381,147 @@ class ConversionResult:
     return "\n".join(lines + details)
 
 
-def convert_state(state: Any, config: Any, allow_missing: Sequence[str] = ()
-                  ) -> tuple[dict[str, Any], ConversionResult]:
-  """(trees of the fully loaded parts, result) of an original CoDi state dict."""
-  trees, reports, unrouted, schedule = params_from_state(config.model, state)
+def check_state(state: Mapping[str, np.ndarray], config: Any, allow_missing: Sequence[str] = ()
+                ) -> ConversionResult:
+  """Routes every key of an original CoDi state dict to its part and checks each part's keys and
+  shapes against `config.model`, reading no tensor. `result.parts` are the parts that would load
+  completely, `result.ok` whether the files may be converted."""
+  routed: dict[str, list[str]] = {p: [] for p in PARTS}
+  unrouted, schedule = [], 0
+  for key in state:
+    part = route(key)
+    if part is not None:
+      routed[part].append(key)
+    elif key in SCHEDULE_BUFFERS:
+      schedule += 1
+    else:
+      unrouted.append(key)
+  shapes = keymap.state_shapes(state)
+  reports = {p: _part_report(config.model, p, {k: shapes[k] for k in routed[p]}) for p in PARTS}
   allowed = tuple(allow_missing)
   disallowed = {p: [k for k in r.missing if not k.startswith(allowed)]
                 for p, r in reports.items()}
   incomplete = [p for p, r in reports.items() if r.loaded and r.missing]
   parts = [p for p, r in reports.items() if r.loaded and not r.missing]
-  result = ConversionResult(reports, unrouted, schedule, disallowed, incomplete, parts)
-  return {p: trees[p] for p in parts}, result
+  return ConversionResult(reports, sorted(unrouted), schedule, disallowed, incomplete, parts,
+                          routed)
 
 
 def convert_files(paths: Sequence[str | os.PathLike], config: Any, out: str | os.PathLike, *,
                   allow_missing: Sequence[str] = (), overwrite: bool = False
                   ) -> ConversionResult:
   """Converts weight files into a checkpoint at `out`; raises ConversionError (with the table)
-  when they do not match `config`'s model."""
+  when they do not match `config`'s model, before reading any tensor.
+
+  Streams: each part is converted (one tensor read at a time) and written as soon as it is
+  complete, then dropped, so the peak memory is about the largest part in float32. The
+  checkpoint is assembled beside `out` and renamed into place; a failure leaves nothing there.
+  """
   state = torch_io.open_states(paths)
-  trees, result = convert_state(state, config, allow_missing)
-  del state  # unmaps the input files before saving: about one model copy is held
+  result = check_state(state, config, allow_missing)
   if not result.ok:
     raise ConversionError("weight files do not match the model:\n" + result.table())
-  if not trees:
+  if not result.parts:
     raise ConversionError("no part was loaded:\n" + result.table())
-  save_model(out, trees, config, overwrite=overwrite)
+  with _staged(out, overwrite) as tmp:
+    for part in result.parts:
+      tree, report = part_from_state(config.model, part, _Subset(state, result.routed[part]))
+      if not report.ok:  # the files changed since they were checked
+        raise ConversionError(f"{part}: weight files changed while converting:\n"
+                              + report.summary())
+      _save_part(tmp, part, tree)
+      del tree
+      logging.info("converted %s", part)
+    (tmp / CONFIG_FILE).write_text(_config_json(config))
   logging.info("wrote %s with parts %s", out, result.parts)
   return result
 
 
+def _part_trees(tree: PyTree) -> list[PyTree]:
+  """A part's trees in key-map order: its one tree, or CLAP's params and batch_stats."""
+  tree = nn.meta.unbox(tree)
+  if isinstance(tree, Mapping) and set(tree) == {"params", "batch_stats"}:
+    return [tree["params"], tree["batch_stats"]]
+  return [tree]
+
+
+def original_buffers(config: Any, part: str, *, lazy: bool = False) -> dict[str, buffers.Buffer]:
+  """{full key: Buffer} of what the original's state dict holds for `part` beyond parameters
+  (with the diffusers, the DDPM schedule of `config.diffusion`). `lazy` adds the tensors the
+  original creates at its first forward call (CLAP's torchlibrosa front-end)."""
+  c = components.component(part)
+  out = {c.prefix + k: b for k, b in c.buffers(c.config(config.model)).items()
+         if lazy or not b.lazy}
+  if part == components.DIFFUSERS.name:
+    if config.get("diffusion") is None:
+      raise ValueError("the config has no `diffusion` schedule, needed for the diffusers' DDPM "
+                       "buffers")
+    out.update(buffers.schedule_buffers(ScheduleConfig(**config.diffusion)))
+  return out
+
+
+def params_to_state(params: Mapping[str, PyTree], config: Any = None, *,
+                    lazy_buffers: bool = False) -> dict[str, np.ndarray]:
+  """{part: tree} -> {original key: array in the original layout}.
+
+  Parameters and CLAP's running statistics; with the run `config` also every buffer and tied
+  copy the original keeps for those parts (`original_buffers`), i.e. the original's whole state
+  dict of the parts present, as a freshly built PyTorch CoDi holds it (`lazy_buffers`: also the
+  tensors it creates at its first forward call).
+  """
+  out = {}
+  for part, tree in params.items():
+    km, prefix = part_keymap(part), part_prefix(part)
+    state = {}
+    for sub in _part_trees(tree):
+      state.update(km.to_state(sub, prefix=prefix))
+    if config is not None:
+      own = {k[len(prefix):]: v for k, v in state.items()}
+      for key, buffer in original_buffers(config, part, lazy=lazy_buffers).items():
+        try:
+          state[key] = buffer.value(own)
+        except (KeyError, ValueError) as e:
+          raise ValueError(f"{part}: cannot make buffer {key}: {e}") from e
+    out.update(state)
+  return out
+
+
+def state_shapes(config: Any, parts: Sequence[str] | None = None, *,
+                 lazy_buffers: bool = False) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """{original key: (shape, dtype)} of what `params_to_state(params, config)` gives for `parts`
+  (default all) of `config.model`, from shapes alone (nothing allocated)."""
+  out = {}
+  for part in _check_parts(PARTS if parts is None else parts):
+    km, prefix = part_keymap(part), part_prefix(part)
+    for sub in _part_trees(part_shapes(config.model, part)):
+      for path, leaf in flax.traverse_util.flatten_dict(sub).items():
+        out[km.torch_key(path, prefix)] = (km.torch_shape(path, tuple(leaf.shape)),
+                                           np.dtype(leaf.dtype))
+    out.update({k: (b.shape, b.dtype)
+                for k, b in original_buffers(config, part, lazy=lazy_buffers).items()})
+  return out
+
+
+def params_to_flax_names(params: Mapping[str, PyTree]) -> dict[str, np.ndarray]:
+  """{part: tree} -> {"<part>/<path joined by '/'>": array} in our layouts."""
+  out = {}
+  for part, tree in params.items():
+    flat = flax.traverse_util.flatten_dict(nn.meta.unbox(tree))
+    out.update({"/".join((part,) + path): np.asarray(v) for path, v in flat.items()})
+  return out
+
+
 def export_file(ckpt: str | os.PathLike, out: str | os.PathLike, *, names: str = "torch",
-           parts: Sequence[str] | None = None) -> int:
-  """Writes the checkpoint's `parts` to a safetensors file; returns the number of tensors."""
+                parts: Sequence[str] | None = None, lazy_buffers: bool = False) -> int:
+  """Writes the checkpoint's `parts` to a safetensors file; returns the number of tensors.
+
+  names="torch": the original's keys, layouts and buffers (`params_to_state`), loadable with
+  `load_state_dict(strict=True)` into a PyTorch CoDi of the parts present; "flax": our paths.
+  """
   if names not in ("torch", "flax"):
     raise ValueError(f"names must be 'torch' or 'flax', got {names!r}")
   config, params = load_model(ckpt, parts)
-  tensors = (params_to_state(params) if names == "torch"
+  tensors = (params_to_state(params, config, lazy_buffers=lazy_buffers) if names == "torch"
              else params_to_flax_names(params))
   metadata = {"format": "pt" if names == "torch" else "flax", "names": names,
               "parts": json.dumps(sorted(params)), "config": config.to_json_best_effort()}

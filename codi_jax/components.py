@@ -3,8 +3,9 @@
 `config.model` of `configs/codi.py` holds one field dict per part (`image_vae`, `audio_vae`,
 `vocoder`, `optimus`, `clip`, `clap`; the diffusers read `image`/`text`/`audio`); the builders here
 turn them into the models' typed configs.
-Each row also names the part as `manifest_full.json` does and where its keys live in the
-released CoDi state dict, so parameter reports and checkpoint conversion share one table.
+Each row also names the part as `manifest_full.json` does, where its keys live in the
+released CoDi state dict and which non-parameter tensors the original keeps there
+(`convert.buffers`), so parameter reports, conversion and export share one table.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import dataclasses
 from typing import Any, Callable, Mapping
 
 from codi_jax.convert import keymap
+from codi_jax.convert.buffers import (Buffer, audioldm_buffers, clap_buffers, clip_buffers,
+                                      optimus_buffers)
 from codi_jax.models import autoencoder, clap, clip, codi, optimus, vocoder
 
 PyTree = Any
@@ -64,6 +67,9 @@ class Component:
   param_shapes: Callable[[Any], PyTree]  # typed config -> parameter shapes (no memory)
   # Non-trainable state loaded from checkpoint buffers (CLAP's BatchNorm running statistics).
   state_shapes: Callable[[Any], PyTree] = lambda config: {}
+  # typed config -> {key under `prefix`: Buffer}: what the original's state dict holds beyond
+  # the parameters and state above (regenerated on export).
+  buffers: Callable[[Any], dict[str, Buffer]] = lambda config: {}
 
   def shapes(self, model: Mapping) -> PyTree:
     return self.param_shapes(self.config(model))
@@ -73,17 +79,20 @@ COMPONENTS: tuple[Component, ...] = (
     Component("autokl", "autokl.", keymap.AUTOENCODER, image_vae_config,
               autoencoder.param_shapes),
     Component("audioldm_vae", "audioldm.", keymap.AUTOENCODER, audio_vae_config,
-              autoencoder.param_shapes),
+              autoencoder.param_shapes, buffers=lambda config: audioldm_buffers()),
     Component("hifigan_vocoder", "audioldm.vocoder.", keymap.VOCODER, vocoder_config,
               vocoder.param_shapes),
-    Component("optimus", "optimus.", keymap.OPTIMUS, optimus_config, optimus.param_shapes),
-    Component("clip", "clip.model.", keymap.CLIP, clip_config, clip.param_shapes),
+    Component("optimus", "optimus.", keymap.OPTIMUS, optimus_config, optimus.param_shapes,
+              buffers=optimus_buffers),
+    Component("clip", "clip.model.", keymap.CLIP, clip_config, clip.param_shapes,
+              buffers=clip_buffers),
     Component("clap", "clap.model.", keymap.CLAP, clap_config, clap.param_shapes,
-              lambda config: clap.variable_shapes(config)["batch_stats"]),
+              lambda config: clap.variable_shapes(config)["batch_stats"], clap_buffers),
 )
 
 
-# The three diffusers as one part (the manifest counts them per branch: `param_report`).
+# The three diffusers as one part (the manifest counts them per branch: `param_report`). Their
+# DDPM schedule buffers are top-level keys of the CoDi state dict (`checkpoint.SCHEDULE_BUFFERS`).
 DIFFUSERS = Component("diffusers", "model.diffusion_model.", keymap.UNET,
                       codi.codi_config_from_dict, codi.param_shapes)
 

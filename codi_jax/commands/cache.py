@@ -13,9 +13,11 @@ config (`config.sample` latent sizes); every flag below overrides one setting. A
 same --out skips finished shards; run it in several processes (CODI_COORDINATOR, or
 --process_index/--process_count) to split the shards between them.
 
-Encoder weights: random (seed --seed) until checkpoint loading lands; that plugs into
-`cache.load_encoder_params`. Tokenizer vocabularies come from --tokenizers (default
-$CODI_TOKENIZERS, else `shared/tokenizers` beside the checkout).
+Encoder weights: the image/audio VAEs, Optimus, CLIP and CLAP parts of the checkpoint --ckpt
+(`codi-jax convert` output; `checkpoint.load_model` + `cache.load_encoder_params`, checked against
+--config). Without --ckpt they are random (seed --seed) and a warning says the cache is for
+testing only. Tokenizer vocabularies come from --tokenizers (default $CODI_TOKENIZERS, else
+`shared/tokenizers` beside the checkout).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import os
 import pathlib
 
 import jax
-from absl import flags
+from absl import flags, logging
 
 from codi_jax.commands import common
 from codi_jax.data import cache, records, synthetic
@@ -46,6 +48,9 @@ LATENT = flags.DEFINE_enum_class("latent", cache.LatentMode.MODE, cache.LatentMo
 STORE_DTYPE = flags.DEFINE_enum_class("store_dtype", cache.StoreDtype.FLOAT32, cache.StoreDtype,
                                       "Storage dtype of latents and tokens (computed in fp32).")
 TOKENIZERS = flags.DEFINE_string("tokenizers", None, "Folder with the CLIP and BERT vocabularies.")
+CKPT = flags.DEFINE_string("ckpt", None, "Checkpoint directory holding the encoder parts "
+                           f"({', '.join(cache.ENCODERS)}); default: random weights, for testing "
+                           "only.")
 
 
 def _source(config, run) -> tuple[object, dict]:
@@ -64,6 +69,21 @@ def _source(config, run) -> tuple[object, dict]:
   return records.read_records(files), dict(source="records", records=[str(f) for f in files])
 
 
+def _encoder_params(model, seed: int) -> tuple[dict, str]:
+  """(encoder weights, their description for the cache spec)."""
+  if CKPT.value is None:
+    logging.warning(
+        "codi-jax cache: no --ckpt, so the encoders have RANDOM weights (seed %d): these latents "
+        "and tokens are for testing only, useless for training; pass --ckpt (a converted "
+        "checkpoint) for real ones", seed)
+    return cache.load_encoder_params(model, seed=seed), "random"
+  try:
+    params = cache.load_encoder_params(model, ckpt=CKPT.value)
+  except ValueError as e:
+    raise SystemExit(f"codi-jax cache: --ckpt {CKPT.value}: {e}") from None
+  return params, f"checkpoint {pathlib.Path(CKPT.value).resolve()}"
+
+
 def main(argv: list[str]) -> int:
   del argv
   if not OUT.value:
@@ -78,9 +98,9 @@ def main(argv: list[str]) -> int:
         TOKENIZERS.value or os.environ.get("CODI_TOKENIZERS", _DEFAULT_TOKENIZERS))
   except (FileNotFoundError, ValueError) as e:
     raise SystemExit(f"codi-jax cache: {e}") from None
-  params = cache.load_encoder_params(run.model, seed=seed)
+  params, weights = _encoder_params(run.model, seed)
   encoders = cache.FrozenEncoders(run.model, params, tokenizers, config)
-  describe.update(model=json.loads(run.model.to_json_best_effort()), encoder_weights="random")
+  describe.update(model=json.loads(run.model.to_json_best_effort()), encoder_weights=weights)
   name = NAME.value or (SPLIT.value if common.SOURCE.value == "synthetic" else "records")
   summary = cache.build_cache(source, OUT.value, encoders, name=name, limit=LIMIT.value,
                               shard_size=SHARD_SIZE.value, store_dtype=STORE_DTYPE.value,

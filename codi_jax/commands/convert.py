@@ -9,11 +9,14 @@ Reads .pth/.pt (fp32 or fp16; `torch.load(weights_only=True, mmap=True)`, so no 
 runs) or .safetensors files; a key in a later file wins, as in the original's loader. Every key
 is routed to its part by prefix (`checkpoint.route`: `model.diffusion_model.` -> diffusers,
 `autokl.`, `audioldm.`, `audioldm.vocoder.`, `optimus.`, `clip.model.`, `clap.model.`) and
-converted one tensor at a time to float32 in our layout. Prints a table of loaded / missing /
-unexpected / mismatched keys per part and fails unless every missing key lies under an
---allow-missing prefix and nothing is unexpected or mismatched. Writes the parts that were
-loaded completely (`checkpoint.save_model`); a part loaded only in part is an error (configure
-the model without the missing branch instead).
+checked against the config from the files' indices, before any tensor is read. Prints a table of
+loaded / missing / unexpected / mismatched keys per part and fails unless every missing key lies
+under an --allow-missing prefix and nothing is unexpected or mismatched; a part loaded only in
+part is an error (configure the model without the missing branch instead). Then each complete
+part is converted one tensor at a time to float32 in our layout and written at once, so memory
+peaks at about the largest part in float32 (`benchmarks/convert_memory.py`). The checkpoint
+(`checkpoint.load_model` format) is assembled beside --out and renamed into place: a failed run
+leaves nothing there.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from absl import flags
 
 from codi_jax import checkpoint
 from codi_jax.commands import common
-from codi_jax.convert import torch_io
 
 TORCH = flags.DEFINE_list("torch", None, "Weight files (.pth/.pt/.ckpt/.bin or .safetensors), "
                           "comma- or space-separated; later files win on duplicate keys.")
@@ -41,7 +43,7 @@ def main(argv: list[str]) -> int:
   try:
     result = checkpoint.convert_files(files, common.CONFIG.value, OUT.value,
                            allow_missing=ALLOW_MISSING.value, overwrite=OVERWRITE.value)
-  except (checkpoint.ConversionError, torch_io.WeightFileError) as e:
+  except ValueError as e:  # ConversionError, WeightFileError, an existing --out
     print(f"codi-jax convert: {e}")
     return 1
   print(result.table())

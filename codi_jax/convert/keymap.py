@@ -22,7 +22,9 @@ per model family; rules are tried in order, the first match wins:
 Conversion walks OUR tree (from `jax.eval_shape`, so nothing is materialised), looks up every
 expected torch key, checks shapes, and reports missing, unexpected and mismatched keys. Known
 deterministic buffers (causal masks, STFT bases) are matched by the family's `buffers` patterns
-and counted apart. Nothing is ever silently skipped.
+and counted apart (export writes them back: `codi_jax.convert.buffers`). Nothing is ever silently
+skipped. `match` does all of this from the shapes alone, so a lazy state dict (`torch_io`) is
+checked before any tensor is read; `to_flax` then reads the matched tensors one at a time.
 """
 
 from __future__ import annotations
@@ -116,6 +118,15 @@ class ConversionReport:
       raise KeyError("checkpoint does not match the model:\n" + self.summary())
 
 
+def state_shapes(state: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+  """{key: shape} of a state dict; lazy ones (`torch_io`) answer from their index, reading
+  nothing."""
+  shapes = getattr(state, "shapes", None)
+  if callable(shapes):
+    return dict(shapes())
+  return {k: tuple(np.shape(v)) for k, v in state.items()}
+
+
 @dataclasses.dataclass(frozen=True)
 class KeyMap:
   """One model family's rule table plus the torch buffers it recomputes instead of loading."""
@@ -156,6 +167,44 @@ class KeyMap:
   def is_buffer(self, key: str) -> bool:
     return any(p.search(key) for p in self.buffers)
 
+  def match(self, shapes: Mapping[str, tuple[int, ...]], target: PyTree, *, prefix: str = "",
+            owns: Callable[[str], bool] | None = None
+            ) -> tuple[dict[tuple[str, ...], str], ConversionReport]:
+    """Which torch key feeds each leaf of `target`, checked from shapes alone (nothing is read).
+
+    Args:
+      shapes: torch key -> shape (`state_shapes` of a state dict).
+      target, prefix, owns: as for `to_flax`.
+    Returns:
+      ({flax path: torch key} of the leaves that can be loaded, report).
+    """
+    flat = flax.traverse_util.flatten_dict(flax.core.meta.unbox(target))
+    report = ConversionReport()
+    plan, used = {}, set()
+    for path, leaf in flat.items():
+      key = self.torch_key(path, prefix)
+      if key not in shapes:
+        report.missing.append(key)
+        continue
+      used.add(key)
+      expected = self.torch_shape(path, tuple(leaf.shape))
+      if tuple(shapes[key]) != expected:
+        report.mismatched.append(f"{key}: {'/'.join(path)}: torch shape {tuple(shapes[key])} != "
+                                 f"expected {expected} (flax {tuple(leaf.shape)})")
+        continue
+      plan[path] = key
+      report.loaded += 1
+    if owns is None:
+      tops = tuple(prefix + name + "." for name in {p[0] for p in flat})
+      owns = lambda k: k.startswith(tops)
+    for k in sorted(shapes):
+      if owns(k) and k not in used:
+        if self.is_buffer(k[len(prefix):] if k.startswith(prefix) else k):
+          report.buffers += 1
+        else:
+          report.unexpected.append(k)
+    return plan, report
+
   def to_flax(self, state: Mapping[str, np.ndarray], target: PyTree, *, prefix: str = "",
               owns: Callable[[str], bool] | None = None,
               dtype: Any = np.float32) -> tuple[PyTree, ConversionReport]:
@@ -172,32 +221,13 @@ class KeyMap:
       (params, report). Missing or mismatched leaves are absent from params; call
       report.check().
     """
+    plan, report = self.match(state_shapes(state), target, prefix=prefix, owns=owns)
     flat = flax.traverse_util.flatten_dict(flax.core.meta.unbox(target))
-    report = ConversionReport()
     out = {}
-    used = set()
-    for path, leaf in flat.items():
-      key = self.torch_key(path, prefix)
-      if key not in state:
-        report.missing.append(key)
-        continue
-      used.add(key)
-      try:
-        value = self.from_torch(path, np.asarray(state[key]), tuple(leaf.shape))
-      except ValueError as e:
-        report.mismatched.append(f"{key}: {e}")
-        continue
-      out[path] = value.astype(dtype) if np.issubdtype(value.dtype, np.floating) else value
-      report.loaded += 1
-    if owns is None:
-      tops = tuple(prefix + name + "." for name in {p[0] for p in flat})
-      owns = lambda k: k.startswith(tops)
-    for k in sorted(state):
-      if owns(k) and k not in used:
-        if self.is_buffer(k[len(prefix):] if k.startswith(prefix) else k):
-          report.buffers += 1
-        else:
-          report.unexpected.append(k)
+    for path, key in plan.items():
+      value = self.from_torch(path, np.asarray(state[key]), tuple(flat[path].shape))
+      floating = np.issubdtype(value.dtype, np.floating)
+      out[path] = np.array(value, dtype, order="C") if floating else value  # keeps 0-d
     return flax.traverse_util.unflatten_dict(out), report
 
   def to_state(self, params: PyTree, *, prefix: str = "") -> dict[str, np.ndarray]:

@@ -127,10 +127,16 @@ def random_encoder_params(model: Mapping, seed: int) -> dict[str, PyTree]:
 
 
 def load_encoder_params(model: Mapping, params: Mapping[str, PyTree] | None = None, *,
-                        seed: int = 0) -> dict[str, PyTree]:
-  """The one place encoder weights come from: `params` ({component name: tree}, e.g. from a
-  checkpoint loader), checked against the config's shapes, or random (`random_encoder_params`)
-  when None. CLAP's tree is {"params", "batch_stats"}."""
+                        seed: int = 0, ckpt: str | os.PathLike | None = None
+                        ) -> dict[str, PyTree]:
+  """The one place encoder weights come from: `params` ({component name: tree}) or the encoder
+  parts of the checkpoint `ckpt` (`checkpoint.load_model`), checked against the config's shapes,
+  or random (`random_encoder_params`, for tests and demos) when neither is given. CLAP's tree is
+  {"params", "batch_stats"}. Raises ValueError naming a missing part or a mismatched leaf."""
+  if ckpt is not None:
+    if params is not None:
+      raise ValueError("load_encoder_params: give params or ckpt, not both")
+    _, params = checkpoint.load_model(ckpt, ENCODERS)
   if params is None:
     return random_encoder_params(model, seed)
   if set(params) != set(ENCODERS):

@@ -65,9 +65,11 @@ def test_convert_then_export_is_bit_exact(reference, tmp_path, dtype):
   assert result.parts == ["diffusers", "autokl", "hifigan_vocoder"]
   assert result.schedule_buffers == 1
   assert checkpoint.saved_parts(tmp_path / "ckpt") == tuple(result.parts)
-  assert checkpoint.export_file(tmp_path / "ckpt", tmp_path / "out.safetensors") == len(state)
+  # The diffusers come back with the DDPM schedule buffers (tests/convert/test_export.py).
+  count = len(state) + len(checkpoint.SCHEDULE_BUFFERS)
+  assert checkpoint.export_file(tmp_path / "ckpt", tmp_path / "out.safetensors") == count
   back = safetensors.numpy.load_file(str(tmp_path / "out.safetensors"))
-  assert set(back) == set(state)
+  assert set(back) == set(state) | checkpoint.SCHEDULE_BUFFERS
   for key, value in state.items():
     assert back[key].dtype == np.float32
     np.testing.assert_array_equal(back[key], value.astype(dtype).astype(np.float32), err_msg=key)
@@ -92,6 +94,25 @@ def _failure(config, state, tmp_path, allow=ABSENT) -> str:
     checkpoint.convert_files([src], config, tmp_path / "ckpt", allow_missing=allow)
   assert not (tmp_path / "ckpt").exists()
   return str(e.value)
+
+
+def test_failure_while_writing_leaves_nothing(reference, tmp_path, monkeypatch):
+  """Parts are written one by one into a staging folder: a failure after the first leaves
+  neither --out nor the staging folder."""
+  config, state = reference
+  src = _save(tmp_path / "codi.safetensors", state)
+  written = []
+
+  def save_part(directory, part, tree):
+    if written:
+      raise OSError("disk full")
+    written.append(part)
+
+  monkeypatch.setattr(checkpoint, "_save_part", save_part)
+  with pytest.raises(OSError, match="disk full"):
+    checkpoint.convert_files([src], config, tmp_path / "out" / "ckpt", allow_missing=ABSENT)
+  assert written == ["diffusers"]
+  assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_unknown_prefix_fails(reference, tmp_path):
@@ -155,6 +176,43 @@ def test_unreadable_files(tmp_path, name, match):
     torch_io.open_state(tmp_path / name)
 
 
+def test_safetensors_reader(tmp_path):
+  """dtypes (bfloat16 widened, int64 kept), 0-d tensors, shapes from the header, and a
+  truncated file named."""
+  torch = pytest.importorskip("torch")
+  import safetensors.torch
+
+  wide = np.array([[1.5, -2.25], [3.0, 0.0078125]], np.float32)  # exact in bfloat16
+  tensors = {"b": torch.from_numpy(wide).to(torch.bfloat16), "i": torch.arange(5),
+             "s": torch.tensor(2.5), "h": torch.ones(3, dtype=torch.float16)}
+  path = tmp_path / "w.safetensors"
+  safetensors.torch.save_file(tensors, str(path))
+  state = torch_io.open_state(path)
+  assert state.shapes() == {"b": (2, 2), "i": (5,), "s": (), "h": (3,)}
+  assert state["b"].dtype == np.float32
+  np.testing.assert_array_equal(state["b"], wide)
+  assert state["i"].dtype == np.int64 and state["i"].tolist() == [0, 1, 2, 3, 4]
+  assert state["s"].shape == () and state["s"] == 2.5
+  assert state["h"].dtype == np.float32
+  path.write_bytes(path.read_bytes()[:-4])
+  with pytest.raises(torch_io.WeightFileError, match="not a readable safetensors file.*inside"):
+    torch_io.open_state(path)
+
+
+def test_pth_reads_survive_releasing_pages(tmp_path):
+  """Reading a tensor releases its pages of the mapped file; a tensor sharing that storage (a
+  tied weight) still reads right, as does a second read."""
+  torch = pytest.importorskip("torch")
+  wte = torch.randn(3000, 64)
+  path = tmp_path / "tied.pth"
+  torch.save({"wte": wte, "lm_head": wte, "bias": torch.arange(7)}, path)
+  state = torch_io.open_state(path)
+  assert state.shapes() == {"wte": (3000, 64), "lm_head": (3000, 64), "bias": (7,)}
+  for key in ("wte", "lm_head", "wte"):
+    np.testing.assert_array_equal(state[key], wte.numpy())
+  assert state["bias"].dtype == np.int64
+
+
 def test_pth_fp16_converts(reference, tmp_path):
   torch = pytest.importorskip("torch")
   config, state = reference
@@ -171,18 +229,26 @@ def test_pth_fp16_converts(reference, tmp_path):
 
 
 class _Payload:
-  """An object a pickle would rebuild by running code."""
+  """An object a pickle rebuilds by running a shell command (which creates `marker`)."""
+
+  def __init__(self, marker: pathlib.Path):
+    self.marker = marker
 
   def __reduce__(self):
-    return (os.getcwd, ())
+    return (os.system, (f"touch {self.marker}",))
 
 
 def test_pickle_with_code_is_refused(tmp_path):
   torch = pytest.importorskip("torch")
-  path = tmp_path / "evil.pth"
-  torch.save({"w": torch.zeros(2), "x": _Payload()}, path)
-  with pytest.raises(torch_io.WeightFileError, match="refusing to load"):
+  path, marker = tmp_path / "evil.pth", tmp_path / "payload-ran"
+  torch.save({"w": torch.zeros(2), "x": _Payload(marker)}, path)
+  with pytest.raises(torch_io.WeightFileError,
+                     match=r"evil.pth: refusing to load: the pickle holds code .*posix.system"):
     torch_io.open_state(path)
+  assert not marker.exists()
+  # The payload is live: an unrestricted load runs it.
+  torch.load(path, weights_only=False)
+  assert marker.exists()
 
 
 def test_pickle_of_a_non_state_dict_is_refused(tmp_path):

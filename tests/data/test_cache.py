@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from codi_jax import components
+from codi_jax import checkpoint, components
 from codi_jax.audio.mel import fbank_frames
 from codi_jax.data import cache, media, preprocess, records, synthetic
 from codi_jax.models import autoencoder, optimus
@@ -193,6 +193,7 @@ def test_cache_command_end_to_end_and_resume(tmp_path):
   proc = run()
   assert proc.returncode == 0, proc.stderr
   assert "3 records written" in proc.stdout
+  assert "RANDOM weights" in proc.stderr and "for testing only" in proc.stderr
   cached = cache.read_cache(tmp_path)
   keys = sorted(str(cached[i]["key"]) for i in range(len(cached)))
   want = synthetic.SyntheticConfig(image_size=32)
@@ -203,3 +204,46 @@ def test_cache_command_end_to_end_and_resume(tmp_path):
   assert spec["cache_config"]["image_size"] == 32 and spec["encoder_weights"] == "random"
   again = run()
   assert again.returncode == 0 and "0 shards written, 2 already done" in again.stdout
+
+
+def test_cache_command_uses_checkpoint_weights(setup, tmp_path):
+  """--ckpt: the encoders run with the checkpoint's weights (not the random default), and a
+  checkpoint without the encoder parts is refused by name."""
+  run, encoders, _ = setup
+  ckpt = tmp_path / "ckpt"
+  checkpoint.save_model(ckpt, checkpoint.random_params(run.model, 7, cache.ENCODERS), run)
+  args = [sys.executable, "-m", "codi_jax.cli", "cache", "--config", "configs/codi.py:tiny",
+          "--config.sample.image_latent_size=4", "--config.sample.audio_latent_frames=8",
+          "--source", "synthetic", "--split", "validation", "--limit", "2", "--shard_size", "2",
+          "--batch_size", "2", "--ckpt", str(ckpt), "--out", str(tmp_path / "cache")]
+  proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  assert "RANDOM" not in proc.stderr
+  spec = json.loads((tmp_path / "cache" / cache.SPEC_FILE).read_text())
+  assert spec["encoder_weights"] == f"checkpoint {ckpt.resolve()}"
+  cached = cache.read_cache(tmp_path / "cache")
+  # The command's examples and settings, as `codi-jax cache` builds them (= the setup's).
+  source = synthetic.SplitSource(synthetic.SyntheticConfig(
+      image_size=SIZE, num_frames=encoders.config.num_frames, seed=run.seed), "validation")
+  prepared = [cache.prepare(source[i], encoders.config, encoders.tokenizers) for i in range(2)]
+  features = lambda params: cache.FrozenEncoders(run.model, params, encoders.tokenizers,
+                                                 encoders.config)(prepared)
+  with_ckpt = features(cache.load_encoder_params(run.model, ckpt=ckpt))
+  default = features(cache.load_encoder_params(run.model, seed=run.seed))
+  for i in range(2):
+    assert str(cached[i]["key"]) == source[i].key
+    names = set(cached[i]) - {"key", "source", "caption"}
+    assert names == set(with_ckpt[i]) and len(names) == 8
+    for name in names:
+      want = with_ckpt[i][name]
+      assert np.abs(cached[i][name] - want).max() <= 1e-5 + 1e-4 * np.abs(want).max(), name
+      assert np.abs(cached[i][name] - default[i][name]).max() > 1e-3, name
+  (tmp_path / "partial").mkdir()
+  checkpoint.save_model(tmp_path / "partial" / "ckpt",
+                        checkpoint.random_params(run.model, 7, ["clip"]), run)
+  bad = subprocess.run(args[:-4] + ["--ckpt", str(tmp_path / "partial" / "ckpt"), "--out",
+                                    str(tmp_path / "bad")],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert bad.returncode != 0
+  assert "--ckpt" in bad.stderr and "has no ['autokl', 'audioldm_vae', 'optimus', 'clap']" in (
+      bad.stderr), bad.stderr
