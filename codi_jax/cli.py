@@ -19,6 +19,7 @@ COMMANDS = {
     "build-dataset": ("codi_jax.commands.build_dataset", "write a tfds dataset (ArrayRecord)"),
     "cache": ("codi_jax.commands.cache", "run frozen encoders once: cached latents + tokens"),
     "generate": ("codi_jax.commands.generate", "any-to-any generation from a model checkpoint"),
+    "sample": ("codi_jax.commands.sample", "sharded, resumable sampling over a JSONL manifest"),
     "convert": ("codi_jax.commands.convert", "released PyTorch CoDi weights -> a checkpoint"),
     "export": ("codi_jax.commands.export", "a checkpoint -> safetensors (torch or flax names)"),
 }

@@ -6,7 +6,9 @@ and mixed by weights with its null token beside it (`conditioning.encode_conditi
 requested outputs' latents start from one seeded noise draw and are denoised JOINTLY by the DDIM
 sampler with classifier-free guidance; the latents are then decoded: the image VAE (per frame for
 video), the audio VAE -> HiFi-GAN vocoder (trimmed to the requested length), and Optimus' GPT-2
-decoder -> GPT-2 tokenizer text. Everything is deterministic from the seed.
+decoder -> GPT-2 tokenizer text. Everything is deterministic from the seed, row by row: sample i
+of a request draws its noise, its DDIM eta noise and its text tokens from (seed, i) alone, so the
+same request gives the same result alone (`generate`) or batched with others (`codi_jax.sample`).
 
 Inputs: text a non-empty string; image uint8 [H, W, 3]; video uint8 [F, H, W, 3]; audio float32
 [S] mono at 16 kHz. Outputs (`Generated`): N samples each, image uint8 [N, H, W, 3], video uint8
@@ -16,11 +18,10 @@ Inputs: text a non-empty string; image uint8 [H, W, 3]; video uint8 [F, H, W, 3]
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 import pathlib
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -44,7 +45,10 @@ from codi_jax.text.bpe import clean_generated
 PyTree = Any
 
 PARTS = checkpoint.PARTS  # a pipeline needs every part
-_RNG_NOISE, _RNG_ETA, _RNG_TEXT = 0, 1, 2
+_RNG_NOISE, _RNG_ETA, _RNG_TEXT = 0, 1, 2  # streams of a request's seed
+# The parts that decode each output's latents.
+_DECODERS = {Modality.IMAGE: ("autokl",), Modality.VIDEO: ("autokl",),
+             Modality.AUDIO: ("audioldm_vae", "hifigan_vocoder"), Modality.TEXT: ("optimus",)}
 
 
 class Tokenizers(NamedTuple):
@@ -96,14 +100,51 @@ class Generated:
   text: list[str] | None = None  # N strings
 
 
+class Rows(NamedTuple):
+  """Host arrays of R sampling rows (`num_samples` per request), as the program takes them.
+
+  Every field is per row, so rows of different requests can be concatenated into one batch.
+  Keys are raw key data (`jax.random.key_data`, uint32 [R, K]) so they cross process and device
+  boundaries as plain arrays.
+  """
+
+  x_T: dict[Modality, np.ndarray]  # initial noise, [R, ...latent] per output
+  cond: np.ndarray  # mixed condition tokens [R, 1, D]
+  uncond: np.ndarray  # mixed null tokens [R, 1, D]
+  guidance: np.ndarray  # classifier-free guidance scale [R]
+  eta_keys: np.ndarray  # DDIM eta-noise keys [R, K]
+  text_keys: np.ndarray  # Optimus sampling keys [R, K]
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """What one compiled sampling program is specialised to; requests that agree on it can share a
+  batch (the guidance scale, seed, inputs and weights are per row)."""
+
+  outputs: tuple[Modality, ...]
+  row_shapes: tuple[tuple[Modality, tuple[int, ...]], ...]  # latent shape of one row per output
+  num_samples: int  # rows per request (the audio clipping decision spans a request's rows)
+  ddim_steps: int
+  eta: float
+  alignment: Alignment
+
+  @classmethod
+  def of(cls, settings: Settings) -> Program:
+    outputs = tuple(Modality(m) for m in settings.outputs)
+    return cls(outputs=outputs,
+               row_shapes=tuple((m, tuple(settings.latent_shapes[m.value][1:])) for m in outputs),
+               num_samples=settings.num_samples, ddim_steps=settings.ddim_steps,
+               eta=settings.eta, alignment=Alignment(settings.alignment))
+
+
+def _is_integer(value: Any) -> bool:
+  return (isinstance(value, (int, np.integer, float)) and not isinstance(value, bool)
+          and math.isfinite(value) and int(value) == value)
+
+
 def _unet_factor(branch) -> int:
   """How many times a 2-D diffuser halves its latent (its levels or its connector's)."""
   return 2 ** max(len(branch.channel_mult) - 1, len(branch.connector_channel_mult) - 1)
-
-
-def _to_uint8(x: np.ndarray) -> np.ndarray:
-  """[-1, 1] floats -> uint8 pixels (values outside are clipped, as the original does)."""
-  return np.round((np.clip(np.asarray(x, np.float32), -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
 
 
 def _check_input(m: Modality, data: Any) -> Any:
@@ -129,6 +170,16 @@ def _check_input(m: Modality, data: Any) -> Any:
   return to_unit_range(x)[None]  # [1, ...] in [-1, 1]
 
 
+def _place(tree: PyTree, shardings: PyTree | None) -> PyTree:
+  """Host params -> device arrays: on the default device, or laid out by `shardings` (every
+  process passes the same host values and keeps only its own shards)."""
+  if shardings is None:
+    return jax.tree_util.tree_map(jnp.asarray, tree)
+  return jax.tree_util.tree_map(
+      lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda i: np.asarray(x)[i]),
+      tree, shardings)
+
+
 class CoDiPipeline:
   """CoDi with all its parts loaded: `generate(inputs, outputs, ...)` -> `Generated`.
 
@@ -137,11 +188,13 @@ class CoDiPipeline:
       `config.sample` / `config.diffusion` give the default sizes and the noise schedule.
     params: {part: tree} for every name in `PARTS` (`clap` is {"params", "batch_stats"}).
     tokenizers: the CLIP and GPT-2 tokenizers (`load_tokenizers`).
+    shardings: optional {part: tree of `jax.sharding.Sharding`}: those parts are placed with
+      them (e.g. FSDP over a mesh, `codi_jax.sample`); other parts go to the default device.
   Jitted functions compile once per shape and are reused across calls.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, params: Mapping[str, PyTree],
-               tokenizers: Tokenizers):
+               tokenizers: Tokenizers, shardings: Mapping[str, PyTree] | None = None):
     missing = [p for p in PARTS if p not in params]
     if missing:
       raise ValueError(f"the pipeline needs parameters for {missing} (has {sorted(params)})")
@@ -149,7 +202,8 @@ class CoDiPipeline:
       checkpoint.check_params(config.model, p, params[p])
     self.config = config
     self.tokenizers = tokenizers
-    self.params = {p: jax.tree_util.tree_map(jnp.asarray, nn.meta.unbox(params[p])) for p in PARTS}
+    shardings = dict(shardings or {})
+    self.params = {p: _place(nn.meta.unbox(params[p]), shardings.get(p)) for p in PARTS}
     model = config.model
     self.codi_config = codi_config_from_dict(model)
     self.image_vae = autoencoder.AutoencoderKL(components.image_vae_config(model))
@@ -161,9 +215,7 @@ class CoDiPipeline:
         self.params["clap"], components.clap_config(model))
     self.schedule = ScheduleConfig(**config.diffusion)
     self._samplers: dict[tuple, DDIMSampler] = {}
-    self._decode_image = jax.jit(functools.partial(autoencoder.decode_image, self.image_vae))
-    self._decode_audio = jax.jit(lambda vae_p, voc_p, z: vocoder.mel_to_waveform(
-        self.vocoder, voc_p, autoencoder.decode_audio(self.audio_vae, vae_p, z)[..., 0][:, None]))
+    self._programs: dict[Program, Callable] = {}
 
   @classmethod
   def from_checkpoint(cls, directory: str | os.PathLike, tokenizers_dir: str | os.PathLike
@@ -216,7 +268,146 @@ class CoDiPipeline:
                                         ddim_steps, eta, schedule=self.schedule)
     return self._samplers[key]
 
-  # --- generation ----------------------------------------------------------------------------
+  # --- generation, in reusable steps --------------------------------------------------------
+  #
+  # plan (validate settings, no model work) -> prepare (one request's rows: conditions, noise,
+  # keys) -> program (jitted: joint DDIM + decoding of a batch of rows) -> finish (host-side:
+  # trimming, text detokenising). `generate` runs them for one request; `codi_jax.sample` runs
+  # them for many requests batched together across devices. Every row's randomness comes from its
+  # request's seed and sample index alone, so a request's outputs do not depend on its batch.
+
+  def plan(self, inputs: Iterable[Modality | str], outputs: Sequence[Modality | str], *,
+           weights: Mapping[Modality | str, float] | None = None, guidance_scale: float = 7.5,
+           ddim_steps: int = 50, eta: float = 0.0, seed: int = 0, num_samples: int = 1,
+           image_size: int | None = None, num_frames: int | None = None,
+           audio_seconds: float | None = None, alignment: Alignment | str | None = None
+           ) -> Settings:
+    """Every setting of one request, validated and with defaults filled (see `generate`)."""
+    sample = self.config.sample
+    given = list(inputs)
+    parsed_inputs = sorted({Modality.parse(k) for k in given})
+    if not parsed_inputs:
+      raise ValueError("at least one input is required")
+    if len(parsed_inputs) != len(given):
+      raise ValueError(f"an input modality is repeated in {given}")
+    outs = [Modality.parse(m) for m in outputs]
+    if not outs:
+      raise ValueError("at least one output modality is required")
+    if len(set(outs)) != len(outs):
+      raise ValueError(f"an output modality is repeated in {[m.value for m in outs]}")
+    outs = sorted(outs)
+    for k, v in (weights or {}).items():
+      m = Modality.parse(k)
+      if m not in parsed_inputs:
+        raise ValueError(f"a weight is given for {m.value}, which is not an input "
+                         f"({[i.value for i in parsed_inputs]})")
+      if not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0):
+        raise ValueError(f"the weight of {m.value} must be positive, got {v!r}")
+    norm = normalized_weights(parsed_inputs, weights)
+    image_size = image_size or sample.image_latent_size * self.image_vae.config.downsample_factor
+    num_frames = num_frames or sample.num_frames
+    default_seconds = (sample.audio_latent_frames * self.audio_vae.config.downsample_factor
+                       * HOP / SAMPLE_RATE)
+    audio_seconds = audio_seconds or default_seconds
+    for name, value in (("num_samples", num_samples), ("ddim_steps", ddim_steps),
+                        ("image_size", image_size), ("num_frames", num_frames), ("seed", seed)):
+      if not _is_integer(value) or (name != "seed" and value < 1):
+        raise ValueError(f"{name} must be a{'n' if name == 'seed' else ' positive'} integer, "
+                         f"got {value!r}")
+    for name, value in (("audio_seconds", audio_seconds), ("guidance_scale", guidance_scale),
+                        ("eta", eta)):
+      if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) \
+         or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if not audio_seconds > 0:
+      raise ValueError(f"audio_seconds must be positive, got {audio_seconds}")
+    if eta < 0:
+      raise ValueError(f"eta must be >= 0, got {eta}")
+    align = (self.codi_config.alignment if alignment is None else Alignment.parse(alignment))
+    shapes = self.latent_shapes(outs, int(num_samples), int(image_size), int(num_frames),
+                                float(audio_seconds))
+    return Settings(
+        inputs=tuple(m.value for m in parsed_inputs), outputs=tuple(m.value for m in outs),
+        weights={m.value: w for m, w in sorted(norm.items())},
+        guidance_scale=float(guidance_scale), ddim_steps=int(ddim_steps), eta=float(eta),
+        seed=int(seed), num_samples=int(num_samples), image_size=int(image_size),
+        num_frames=int(num_frames), audio_seconds=float(audio_seconds), alignment=align.value,
+        latent_shapes={m.value: list(s) for m, s in shapes.items()})
+
+  def prepare(self, settings: Settings, inputs: Mapping[Modality | str, Any]) -> Rows:
+    """One request's `num_samples` rows: its mixed condition and null tokens (encoded once),
+    the initial noise drawn from its seed, and its per-row DDIM and text keys."""
+    parsed = {Modality.parse(k): v for k, v in inputs.items()}
+    if sorted(m.value for m in parsed) != sorted(settings.inputs):
+      raise ValueError(f"inputs {sorted(m.value for m in parsed)} are not the planned "
+                       f"{list(settings.inputs)}")
+    checked = {m: _check_input(m, v) for m, v in parsed.items()}
+    conditions = encode_conditions(self.encoders, checked, settings.weights)
+    n = settings.num_samples
+    batch = (n,) + conditions.cond.shape[1:]  # [N, 1, D]
+    rng = jax.random.key(settings.seed)
+    shapes = {Modality(m): tuple(s) for m, s in settings.latent_shapes.items()}
+    x_T = initial_noise(jax.random.fold_in(rng, _RNG_NOISE), shapes)
+    keys = lambda stream: np.asarray(jax.random.key_data(
+        jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(rng, stream), i))(jnp.arange(n))))
+    return Rows(x_T={m: np.asarray(v) for m, v in x_T.items()},
+                cond=np.broadcast_to(np.asarray(conditions.cond, np.float32), batch),
+                uncond=np.broadcast_to(np.asarray(conditions.uncond, np.float32), batch),
+                guidance=np.full((n,), settings.guidance_scale, np.float32),
+                eta_keys=keys(_RNG_ETA), text_keys=keys(_RNG_TEXT))
+
+  def program_params(self, program: Program) -> dict[str, PyTree]:
+    """The parts `program` uses: the diffusers and the decoders of its outputs."""
+    parts = ["diffusers"]
+    for m in program.outputs:
+      parts += _DECODERS[m]
+    return {p: self.params[p] for p in dict.fromkeys(parts)}
+
+  def program_fn(self, program: Program) -> Callable[[PyTree, Rows], dict[str, jax.Array]]:
+    """The pure function `(program_params, rows) -> raw outputs` for rows of `program`'s shape:
+    joint DDIM from x_T, then decoding. Raw outputs, one row each: image/video uint8, audio the
+    full decoded wave float32 [B, L] (trimmed by `finish`), text_ids [B, T] / text_lengths [B]."""
+    sampler = self._sampler(program.alignment, program.ddim_steps, program.eta)
+    n = program.num_samples
+
+    def run(params: PyTree, rows: Rows) -> dict[str, jax.Array]:
+      latents = sampler(params["diffusers"], rows.x_T, rows.cond, rows.uncond, rows.guidance,
+                        jax.random.wrap_key_data(rows.eta_keys)).samples
+      out = {}
+      for m, z in latents.items():
+        if m in (Modality.IMAGE, Modality.VIDEO):
+          x = autoencoder.decode_image(self.image_vae, params["autokl"], z)
+          out[m.value] = jnp.round((jnp.clip(x.astype(jnp.float32), -1.0, 1.0) + 1.0) * 127.5
+                                   ).astype(jnp.uint8)
+        elif m is Modality.AUDIO:
+          # The original clips a batch's latents together: here, each request's rows together.
+          mel = autoencoder.decode_audio(self.audio_vae, params["audioldm_vae"], z, clip_group=n)
+          wave = vocoder.mel_to_waveform(self.vocoder, params["hifigan_vocoder"],
+                                         mel[..., 0][:, None])  # [B, 1, L]
+          out[m.value] = wave[:, 0].astype(jnp.float32)
+        else:
+          generated = optimus_decode.codi_generate(self.optimus, params["optimus"], z,
+                                                   jax.random.wrap_key_data(rows.text_keys))
+          out["text_ids"], out["text_lengths"] = generated.ids, generated.lengths
+      return out
+
+    return run
+
+  def finish(self, settings: Settings, raw: Mapping[str, np.ndarray]) -> Generated:
+    """One request's raw program outputs (its `num_samples` rows, on the host) -> `Generated`."""
+    out: dict[str, Any] = {}
+    for name in settings.outputs:
+      m = Modality(name)
+      if m in (Modality.IMAGE, Modality.VIDEO):
+        out[name] = np.asarray(raw[name], np.uint8)
+      elif m is Modality.AUDIO:
+        length = round(settings.audio_seconds * SAMPLE_RATE)
+        out[name] = np.asarray(raw[name][:, :length], np.float32)  # [N, S]
+      else:
+        ids, lengths = np.asarray(raw["text_ids"]), np.asarray(raw["text_lengths"])
+        out[name] = [clean_generated(self.tokenizers.gpt2.decode_generated(row[:n].tolist()))
+                     for row, n in zip(ids, lengths)]
+    return Generated(settings, **out)
 
   def generate(self, inputs: Mapping[Modality | str, Any], outputs: Sequence[Modality | str], *,
                weights: Mapping[Modality | str, float] | None = None,
@@ -230,72 +421,13 @@ class CoDiPipeline:
     image_size, num_frames, audio_seconds: output sizes (default: `config.sample`'s).
     alignment: self | others (default: the model config's).
     """
-    sample = self.config.sample
-    parsed_inputs = {Modality.parse(k): v for k, v in inputs.items()}
-    if not parsed_inputs:
-      raise ValueError("at least one input is required")
-    if len(parsed_inputs) != len(inputs):
-      raise ValueError(f"an input modality is repeated in {list(inputs)}")
-    outs = [Modality.parse(m) for m in outputs]
-    if not outs:
-      raise ValueError("at least one output modality is required")
-    if len(set(outs)) != len(outs):
-      raise ValueError(f"an output modality is repeated in {[m.value for m in outs]}")
-    outs = sorted(outs)
-    for k, v in (weights or {}).items():
-      if not v > 0:
-        raise ValueError(f"the weight of {Modality.parse(k).value} must be positive, got {v}")
-    norm = normalized_weights(list(parsed_inputs), weights)
-    image_size = int(image_size or sample.image_latent_size
-                     * self.image_vae.config.downsample_factor)
-    num_frames = int(num_frames or sample.num_frames)
-    default_seconds = (sample.audio_latent_frames * self.audio_vae.config.downsample_factor
-                       * HOP / SAMPLE_RATE)
-    audio_seconds = float(audio_seconds or default_seconds)
-    for name, value in (("num_samples", num_samples), ("ddim_steps", ddim_steps),
-                        ("image_size", image_size), ("num_frames", num_frames)):
-      if isinstance(value, bool) or int(value) != value or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if not audio_seconds > 0:
-      raise ValueError(f"audio_seconds must be positive, got {audio_seconds}")
-    if eta < 0:
-      raise ValueError(f"eta must be >= 0, got {eta}")
-    align = (self.codi_config.alignment if alignment is None else Alignment.parse(alignment))
-    shapes = self.latent_shapes(outs, num_samples, image_size, num_frames, audio_seconds)
-    settings = Settings(
-        inputs=tuple(m.value for m in sorted(parsed_inputs)), outputs=tuple(m.value for m in outs),
-        weights={m.value: w for m, w in sorted(norm.items())},
-        guidance_scale=float(guidance_scale), ddim_steps=int(ddim_steps), eta=float(eta),
-        seed=int(seed), num_samples=int(num_samples), image_size=image_size,
-        num_frames=num_frames, audio_seconds=audio_seconds, alignment=align.value,
-        latent_shapes={m.value: list(s) for m, s in shapes.items()})
-
-    checked = {m: _check_input(m, v) for m, v in parsed_inputs.items()}
-    conditions = encode_conditions(self.encoders, checked, weights)
-    batch = (num_samples,) + conditions.cond.shape[1:]  # [N, 1, D]
-    cond = jnp.broadcast_to(conditions.cond, batch)
-    uncond = jnp.broadcast_to(conditions.uncond, batch)
-
-    rng = jax.random.key(seed)
-    x_T = initial_noise(jax.random.fold_in(rng, _RNG_NOISE), shapes)
-    sampler = self._sampler(align, int(ddim_steps), float(eta))
-    latents = sampler(self.params["diffusers"], x_T, cond, uncond, guidance_scale,
-                      jax.random.fold_in(rng, _RNG_ETA)).samples
-    return self._decode(latents, settings, jax.random.fold_in(rng, _RNG_TEXT))
-
-  def _decode(self, latents: Mapping[Modality, jax.Array], settings: Settings,
-              text_rng: jax.Array) -> Generated:
-    out: dict[str, Any] = {}
-    for m, z in latents.items():
-      if m in (Modality.IMAGE, Modality.VIDEO):
-        out[m.value] = _to_uint8(self._decode_image(self.params["autokl"], z))
-      elif m is Modality.AUDIO:
-        wave = self._decode_audio(self.params["audioldm_vae"], self.params["hifigan_vocoder"], z)
-        length = round(settings.audio_seconds * SAMPLE_RATE)
-        out[m.value] = np.asarray(wave[:, 0, :length], np.float32)  # [N, S]
-      else:
-        generated = optimus_decode.codi_generate(self.optimus, self.params["optimus"], z, text_rng)
-        ids, lengths = np.asarray(generated.ids), np.asarray(generated.lengths)
-        out[m.value] = [clean_generated(self.tokenizers.gpt2.decode_generated(row[:n].tolist()))
-                        for row, n in zip(ids, lengths)]
-    return Generated(settings, **out)
+    settings = self.plan(inputs, outputs, weights=weights, guidance_scale=guidance_scale,
+                         ddim_steps=ddim_steps, eta=eta, seed=seed, num_samples=num_samples,
+                         image_size=image_size, num_frames=num_frames,
+                         audio_seconds=audio_seconds, alignment=alignment)
+    rows = self.prepare(settings, inputs)
+    program = Program.of(settings)
+    if program not in self._programs:
+      self._programs[program] = jax.jit(self.program_fn(program))
+    raw = self._programs[program](self.program_params(program), rows)
+    return self.finish(settings, jax.tree_util.tree_map(np.asarray, raw))

@@ -11,19 +11,17 @@ PNG / 16 kHz WAV / MP4 / TXT per output sample, `result.json` (every setting and
 
 from __future__ import annotations
 
-import io
 import os
 import pathlib
 
 from absl import flags
 
 from codi_jax import checkpoint
-from codi_jax.audio.mel import SAMPLE_RATE
 from codi_jax.commands import common
-from codi_jax.data import media
 from codi_jax.modality import Alignment, Modality
 from codi_jax.outputs import write_outputs
 from codi_jax.pipeline import CoDiPipeline
+from codi_jax.sample.manifest import read_input_file
 
 _DEFAULT_TOKENIZERS = pathlib.Path(__file__).resolve().parents[3] / "shared" / "tokenizers"
 
@@ -71,37 +69,22 @@ def parse_weights(entries: list[str] | None) -> dict[Modality, float] | None:
   return weights
 
 
-def _read(path: str, what: str) -> bytes:
-  p = pathlib.Path(path)
-  if not p.is_file():
-    raise ValueError(f"{what} file {path} does not exist")
-  return p.read_bytes()
-
-
 def read_inputs(num_frames: int) -> tuple[dict[Modality, object], dict[Modality, str]]:
   """The inputs given on the command line: ({modality: data}, {modality: file path})."""
-  import soundfile
-
   inputs, files = {}, {}
   if TEXT.value is not None:
     if not TEXT.value.strip():
       raise ValueError("--text is empty")
     inputs[Modality.TEXT] = TEXT.value
-  if IMAGE.value:
-    inputs[Modality.IMAGE] = media.decode_image(_read(IMAGE.value, "--image"))
-    files[Modality.IMAGE] = IMAGE.value
-  if AUDIO.value:
-    data = _read(AUDIO.value, "--audio")
-    wave = media.decode_audio(data, target_rate=SAMPLE_RATE)  # validates and raises MediaError
-    info = soundfile.info(io.BytesIO(data))
-    if info.channels != 1 or info.samplerate != SAMPLE_RATE:
-      print(f"note: --audio is {info.channels} channel(s) at {info.samplerate} Hz; mixed to mono "
-            f"and resampled to {SAMPLE_RATE} Hz")
-    inputs[Modality.AUDIO] = wave
-    files[Modality.AUDIO] = AUDIO.value
-  if VIDEO.value:
-    inputs[Modality.VIDEO] = media.decode_video(_read(VIDEO.value, "--video"), num_frames)
-    files[Modality.VIDEO] = VIDEO.value
+  for m, flag in ((Modality.IMAGE, IMAGE), (Modality.AUDIO, AUDIO), (Modality.VIDEO, VIDEO)):
+    if not flag.value:
+      continue
+    if not pathlib.Path(flag.value).is_file():
+      raise ValueError(f"--{flag.name} file {flag.value} does not exist")
+    inputs[m], note = read_input_file(m, flag.value, num_frames)
+    if note:
+      print(f"note: --{flag.name}: {note}")
+    files[m] = flag.value
   if not inputs:
     raise ValueError("give at least one input: --text, --image, --audio or --video")
   return inputs, files

@@ -7,6 +7,11 @@ All requested outputs advance together: one network call per step on the doubled
 The step loop is a `lax.scan` (no Python loop at trace time); a sampler compiles once per
 (output set, shapes, steps, eta, guidance on/off) and is reused across calls.
 
+Per-row randomness: `rng` may be one key for the whole batch, or one key per row ([B] keys). With
+row keys a row's eta noise depends only on its own key, and `guidance_scale` may also be per row
+([B]), so a row's result does not depend on which other rows share its batch (sharded sampling
+jobs batch unrelated requests together).
+
 The model is any `model_fn(params, {modality: x_t}, timesteps [B], context [B, T, D])`
 -> {modality: eps}; the sampler knows no network class.
 """
@@ -42,8 +47,22 @@ def initial_noise(rng: jax.Array, shapes: Mapping[Modality, tuple[int, ...]]
           for i, (m, shape) in enumerate(sorted(shapes.items()))}
 
 
+def _step_noise(rng: jax.Array, step: jax.Array, stream: int, shape: tuple[int, ...]
+                ) -> jax.Array:
+  """z ~ N(0, I) of `shape` for one step and output stream: from one key, or row by row from [B]
+  keys (each row [...] drawn from its own key alone)."""
+  draw = lambda key, s: jax.random.normal(
+      jax.random.fold_in(jax.random.fold_in(key, step), stream), s, jnp.float32)
+  if rng.ndim == 0:
+    return draw(rng, shape)
+  return jax.vmap(lambda key: draw(key, shape[1:]))(rng)  # [B, ...]
+
+
 class DDIMSampler:
   """`sampler(params, x_T, cond, uncond, guidance_scale, rng)` -> SampleOutput.
+
+  guidance_scale: a scalar or one per row [B]; rng: one key, or one key per row [B] (see the
+  module docstring).
 
   Args of the constructor:
     model_fn: the denoiser (see module docstring).
@@ -83,8 +102,17 @@ class DDIMSampler:
     if self.eta > 0 and rng is None:
       raise ValueError("eta > 0 needs an rng for the per-step noise")
     x = {Modality.parse(k): v for k, v in x.items()}
-    return (x, cond, cond if uncond is None else uncond,
-            jnp.asarray(guidance_scale, jnp.float32), jax.random.key(0) if rng is None else rng)
+    batch = next(iter(x.values())).shape[0]
+    scale = jnp.asarray(guidance_scale, jnp.float32)
+    if scale.shape not in ((), (batch,)):
+      raise ValueError(f"guidance_scale must be a scalar or one per row [{batch}], got shape "
+                       f"{scale.shape}")
+    if rng is not None and not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+      rng = jax.random.wrap_key_data(rng)  # a raw uint32 key (or [B] of them)
+    if rng is not None and rng.shape not in ((), (batch,)):
+      raise ValueError(f"rng must be one key or one key per row [{batch}], got shape {rng.shape}")
+    return (x, cond, cond if uncond is None else uncond, scale,
+            jax.random.key(0) if rng is None else rng)
 
   def _eps(self, params, x, t, cond, uncond, scale):
     batch = t.shape[0]
@@ -92,7 +120,8 @@ class DDIMSampler:
       return self.model_fn(params, x, t, cond)
     doubled = {m: jnp.concatenate([v, v]) for m, v in x.items()}
     out = self.model_fn(params, doubled, jnp.concatenate([t, t]), jnp.concatenate([uncond, cond]))
-    return {m: out[m][:batch] + scale * (out[m][batch:] - out[m][:batch]) for m in x}
+    rows = lambda v: jnp.reshape(scale, scale.shape + (1,) * (v.ndim - scale.ndim))  # [B, 1, ...]
+    return {m: out[m][:batch] + rows(out[m]) * (out[m][batch:] - out[m][:batch]) for m in x}
 
   def _per_step(self) -> dict[str, jax.Array]:
     """Per-step constants in visiting order (highest timestep first)."""
@@ -119,8 +148,7 @@ class DDIMSampler:
       direction = jnp.sqrt(1.0 - s["a_prev"] - s["sigma"] ** 2) * e
       x_prev[m] = jnp.sqrt(s["a_prev"]) * pred_x0[m] + direction
       if self.eta > 0:
-        key = jax.random.fold_in(jax.random.fold_in(rng, s["step"]), i)
-        x_prev[m] = x_prev[m] + s["sigma"] * jax.random.normal(key, x[m].shape, jnp.float32)
+        x_prev[m] = x_prev[m] + s["sigma"] * _step_noise(rng, s["step"], i, x[m].shape)
     return x_prev, pred_x0
 
   def _sample(self, params, x_T, cond, uncond, scale, rng) -> SampleOutput:

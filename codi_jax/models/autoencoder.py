@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from typing import Any, Mapping, NamedTuple
 
 import einops
@@ -429,16 +430,23 @@ def encode_audio(model: AutoencoderKL, params: PyTree, wave: jax.Array, *, time:
   return model.config.scale_factor * posterior.latent(rng)
 
 
-def decode_audio(model: AutoencoderKL, params: PyTree, z: jax.Array) -> jax.Array:
+def decode_audio(model: AutoencoderKL, params: PyTree, z: jax.Array,
+                 clip_group: int | None = None) -> jax.Array:
   """`CoDi.audioldm_decode`: scaled latent [B, t, 16, 8] -> log-mel [B, 4t, 64, 1].
 
   As in the original, if any |z| in the batch exceeds 100 the whole batch is clipped to
-  [-10, 10] first.
+  [-10, 10] first. clip_group: decide that per consecutive group of this many rows instead (the
+  original's batch is one request's samples; a sampling job batches many requests together).
   """
   if z.ndim != 4:
     raise ValueError(f"decode_audio: expected a latent [B, t, m, Z], got shape {z.shape}")
-  z = jnp.where(jnp.max(jnp.abs(z)) > AUDIO_CLIP_THRESHOLD, jnp.clip(z, -AUDIO_CLIP, AUDIO_CLIP),
-                z)
+  group = z.shape[0] if clip_group is None else clip_group
+  if group < 1 or z.shape[0] % group:
+    raise ValueError(f"decode_audio: clip_group {clip_group} does not divide the batch "
+                     f"{z.shape[0]}")
+  peak = jnp.max(jnp.abs(z).reshape(-1, group, math.prod(z.shape[1:])), axis=(1, 2))  # [B/g]
+  clipped = jnp.repeat(peak > AUDIO_CLIP_THRESHOLD, group)[:, None, None, None]  # [B, 1, 1, 1]
+  z = jnp.where(clipped, jnp.clip(z, -AUDIO_CLIP, AUDIO_CLIP), z)
   return model.apply({"params": params}, z / model.config.scale_factor,
                      method=AutoencoderKL.decode)
 

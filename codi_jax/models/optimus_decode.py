@@ -14,6 +14,10 @@ ends at its first <EOS> (kept), and when it reaches max_length its last token is
 (batch, max_length) and the model are static: sampling settings and ids are traced, so one
 compilation serves every setting.
 
+Randomness: one key for the batch (split every step), or one key per row ([B] keys; step s of
+row b draws from fold_in(key_b, s)), so that a row's text depends only on its own key and latent,
+not on the other rows of its batch.
+
 B batch, N max_length, V vocabulary, Z latent size.
 """
 
@@ -39,7 +43,7 @@ class _LoopState(NamedTuple):
   lengths: jax.Array  # [B]
   done: jax.Array     # [B] bool
   cache: KVCache
-  rng: jax.Array
+  rng: jax.Array     # [] or [B] keys
 
 
 def filter_logits(logits: jax.Array, top_k: jax.Array | int, top_p: jax.Array | float
@@ -66,9 +70,13 @@ def filter_logits(logits: jax.Array, top_k: jax.Array | int, top_p: jax.Array | 
 def choose_tokens(logits: jax.Array, rng: jax.Array, *, greedy: jax.Array | bool,
                   temperature: jax.Array | float, top_k: jax.Array | int,
                   top_p: jax.Array | float) -> jax.Array:
-  """Next token per row of [B, V] logits: argmax, or a draw from the filtered distribution."""
+  """Next token per row of [B, V] logits: argmax, or a draw from the filtered distribution
+  (with one key for the batch, or row b drawn with its own key rng[b])."""
   filtered = filter_logits(logits / temperature, top_k, top_p)
-  drawn = jax.random.categorical(rng, filtered, axis=-1)  # [B]
+  if rng.ndim == 0:
+    drawn = jax.random.categorical(rng, filtered, axis=-1)  # [B]
+  else:
+    drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(rng, filtered)  # [B]
   return jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
 
 
@@ -90,7 +98,10 @@ def _generate(model: Optimus, max_length: int, params, z: jax.Array, rng: jax.Ar
   def step(s: _LoopState) -> _LoopState:
     token = jax.lax.dynamic_slice_in_dim(s.ids, s.step, 1, axis=1)  # [B, 1]
     logits, cache = model.apply(variables, token, z, s.cache, s.step, method="extend")
-    rng, draw = jax.random.split(s.rng)
+    if s.rng.ndim == 0:
+      rng, draw = jax.random.split(s.rng)
+    else:  # per-row keys stay fixed; each step folds in its index
+      rng, draw = s.rng, jax.vmap(jax.random.fold_in, (0, None))(s.rng, s.step)
     nxt = choose_tokens(logits[:, 0], draw, greedy=greedy, temperature=temperature, top_k=top_k,
                         top_p=top_p)  # [B]
     nxt = jnp.where(s.step + 2 == max_length, eos_id, nxt)  # the original's forced last <EOS>
@@ -115,7 +126,8 @@ def generate(model: Optimus, params, z: jax.Array, rng: jax.Array, *, max_length
 
   Args:
     model, params: the Optimus VAE and its params (only the decoder's are used).
-    rng: a `jax.random` key; the draws of a batch are independent per sample.
+    rng: a `jax.random` key, or one per row [B]; the draws of a batch are independent per
+      sample, and with row keys each row's draws depend on its own key alone.
     greedy: argmax instead of sampling (temperature, top_k and top_p then play no part).
     temperature, top_k, top_p: as the original's `sample_single_sequence_conditional`; its
       CoDi defaults (1.0, 0, 1.0) are plain multinomial sampling. top_k = 0 or top_p = 0
@@ -124,6 +136,11 @@ def generate(model: Optimus, params, z: jax.Array, rng: jax.Array, *, max_length
   cfg = model.config
   z = jnp.asarray(z)
   check_latent(z, cfg.latent_size)
+  if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    rng = jax.random.wrap_key_data(rng)  # a raw uint32 key (or [B] of them)
+  if rng.shape not in ((), (z.shape[0],)):
+    raise ValueError(f"rng must be one key or one key per row [{z.shape[0]}], got shape "
+                     f"{rng.shape}")
   if not 2 <= max_length <= cfg.decoder.n_positions:
     raise ValueError(f"max_length must be in [2, {cfg.decoder.n_positions}] (<BOS> plus at "
                      f"least one token), got {max_length}")

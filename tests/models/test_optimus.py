@@ -163,6 +163,24 @@ def test_sampling_is_keyed(tiny):
   assert np.asarray(a.ids).min() >= 0 and np.asarray(a.ids).max() < 97
 
 
+def test_row_keys_make_each_row_independent_of_its_batch(tiny):
+  """With one key per row, a row's text is the same alone or batched with any other rows."""
+  model, params, z = tiny
+  kw = dict(max_length=N, bos_id=BOS, eos_id=EOS, pad_id=PAD)
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(4), jnp.arange(2))  # [2]
+  both = generate(model, params, z, keys, **kw)
+  for i in range(2):
+    alone = generate(model, params, z[i:i + 1], keys[i:i + 1], **kw)
+    np.testing.assert_array_equal(alone.ids[0], both.ids[i])
+    assert int(alone.lengths[0]) == int(both.lengths[i])
+  swapped = generate(model, params, z[::-1], keys[::-1], **kw)
+  np.testing.assert_array_equal(swapped.ids[::-1], both.ids)
+  raw = generate(model, params, z, jax.random.key_data(keys), **kw)  # raw key data works too
+  np.testing.assert_array_equal(raw.ids, both.ids)
+  with pytest.raises(ValueError, match="one key per row"):
+    generate(model, params, z, jax.random.split(jax.random.key(0), 3), **kw)
+
+
 def test_codi_generate_divides_by_scale(tiny):
   model, params, z = tiny
   kw = dict(max_length=N, greedy=True, bos_id=BOS, eos_id=EOS, pad_id=PAD)
