@@ -27,6 +27,9 @@ setup(
         "soundfile==0.14.0",
         "ml-collections==1.1.0",
         "clu==0.0.12",
+        # TensorBoard event files without TensorFlow (clu's own TensorBoard writer needs TF,
+        # which would switch tensorflow-datasets onto its TF code paths).
+        "tensorboard==2.21.0",
         "absl-py==2.5.1",
         "einops==0.8.2",
         "numpy==2.4.6",
@@ -42,7 +45,8 @@ setup(
         "tpu": ["jax[tpu]==0.10.2"],
         # Conversion to/from the released PyTorch weights and parity against PyTorch models.
         "torch": ["torch==2.13.0"],
-        "test": ["pytest==9.2.0"],
+        # torch: the .pth reading tests (conversion, refusing pickled code) run, not skip.
+        "test": ["pytest==9.2.0", "torch==2.13.0"],
     },
     entry_points={"console_scripts": ["codi-jax=codi_jax.cli:main"]},
 )

@@ -20,6 +20,9 @@ COMMANDS = {
     "cache": ("codi_jax.commands.cache", "run frozen encoders once: cached latents + tokens"),
     "generate": ("codi_jax.commands.generate", "any-to-any generation from a model checkpoint"),
     "sample": ("codi_jax.commands.sample", "sharded, resumable sampling over a JSONL manifest"),
+    "train": ("codi_jax.commands.train", "train one stage (sharded, resumable, preemptible)"),
+    "compile-check": ("codi_jax.commands.compile_check",
+                      "AOT-compile a stage's train step for a TPU topology: memory, FLOPs, fits"),
     "convert": ("codi_jax.commands.convert", "released PyTorch CoDi weights -> a checkpoint"),
     "export": ("codi_jax.commands.export", "a checkpoint -> safetensors (torch or flax names)"),
 }

@@ -77,6 +77,21 @@ ENCODERS = {
                   num_heads=(4, 8, 16, 32))),
 }
 
+# Training defaults per preset: sizes that fit the model (image side = 8 x latent side; audio
+# = 625 samples per latent frame: 4 mel frames of AudioLDM's 102.4 frames/s) and a schedule
+# that suits the preset's scale.
+PRESET_TRAIN = {
+    "tiny": dict(steps=200, batch_size=8, learning_rate=1e-3, warmup_steps=20, image_size=64,
+                 audio_samples=16 * 625, bert_length=32, gpt2_length=32, log_every=10,
+                 checkpoint_every=100),
+    "small": dict(steps=100_000, batch_size=64, learning_rate=1e-4, warmup_steps=1000,
+                  image_size=256, audio_samples=256 * 625, bert_length=64, gpt2_length=64,
+                  log_every=50, checkpoint_every=2000),
+    "full": dict(steps=500_000, batch_size=256, learning_rate=1e-4, warmup_steps=10_000,
+                 image_size=256, audio_samples=256 * 625, bert_length=64, gpt2_length=64,
+                 log_every=100, checkpoint_every=5000),
+}
+
 # Logical axis -> mesh axes, tried in order; a dim takes the first rule whose mesh axes are free
 # in that array and divide its size (`codi_jax.parallel.sharding`). Parameters use embed/embed_in/
 # mlp/heads; activations use batch/act_length/act_height/act_width/act_embed.
@@ -166,6 +181,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       alignment=p["alignment"],
       attention_impl="xla",  # "cudnn" for the fused GPU kernel
       dtype="float32",  # compute dtype; "bfloat16" on accelerators (params stay float32)
+      remat="none",  # diffuser blocks: none | full | dots (recompute in the backward pass)
   ))
 
   config.diffusion = ml_collections.ConfigDict(dict(
@@ -176,6 +192,34 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       image_latent_size=p["image_latent"], num_frames=p["num_frames"],
       audio_latent_frames=p["audio_latent"][0], audio_latent_bins=p["audio_latent"][1],
       outputs="image,video,audio,text"))
+
+  # Training (`codi-jax train`, `codi_jax.train`): the stage, where it starts from, its optimiser
+  # and its data. init_from: comma-separated model checkpoints (`codi_jax.checkpoint` folders,
+  # e.g. earlier stages' `<workdir>/model` or a converted released CoDi); later ones win per part.
+  config.stage = "diffuse_image"
+  config.init_from = ""
+  t = PRESET_TRAIN[arg]
+  config.train = ml_collections.ConfigDict(dict(
+      steps=t["steps"], batch_size=t["batch_size"],  # global batch, split over processes
+      learning_rate=t["learning_rate"], warmup_steps=t["warmup_steps"],
+      decay="cosine",  # cosine | constant (after warm-up)
+      end_learning_rate_fraction=0.1, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8,
+      grad_clip=1.0, ema_decay=0.999, export_ema=True,
+      cond_dropout=0.1,  # guidance dropout of the condition token
+      kl_weight=1e-6, optimus_beta=0.5, optimus_free_bits=0.5,
+      env_contrastive_weight=0.1, env_contrastive_scale=10.0,
+      autoencoders="autokl,audioldm_vae,hifigan_vocoder,optimus",
+      latent_align_pairs="text_image,audio_text,audio_video",
+      log_every=t["log_every"], checkpoint_every=t["checkpoint_every"], keep_checkpoints=3,
+      async_checkpoints=True, sample_every=0))
+  config.data = ml_collections.ConfigDict(dict(
+      source="synthetic",  # synthetic | records | tfds
+      records="",  # record shards (files, folders, globs; comma-separated) for `records`
+      tfds_dir="",  # a prepared tfds dataset folder for `tfds`
+      image_size=t["image_size"], num_frames=p["num_frames"], audio_samples=t["audio_samples"],
+      bert_length=t["bert_length"], gpt2_length=t["gpt2_length"],
+      tokenizers="",  # folder with the CLIP/BERT/GPT-2 vocabularies (default: shared/tokenizers)
+      num_workers=0))
 
   # Mesh sizes per slice (ici) and across slices (dcn); -1 takes the remaining devices.
   config.mesh = ml_collections.ConfigDict(dict(

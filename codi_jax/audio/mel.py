@@ -150,6 +150,13 @@ def wav_to_fbank(wave: jax.Array, target_length: int, *,
   wave = _mono(jnp.asarray(wave, jnp.float32), "wav_to_fbank")
   if target_length < 1:
     raise ValueError(f"wav_to_fbank: target_length must be positive, got {target_length}")
+  mel, _, _ = mel_spectrogram(fbank_clip(wave, target_length))  # [B, M, target_length + 1]
+  return jnp.swapaxes(mel[:, :, :target_length], 1, 2)  # [B, target_length, M]
+
+
+def fbank_clip(wave: jax.Array, target_length: int) -> jax.Array:
+  """The waveform `wav_to_fbank` analyses: mono [B, T] centred, peak 0.5, zero-padded or cropped
+  to target_length * 160 samples, clipped to [-1, 1] -> [B, target_length * 160]."""
   if wave.shape[1] <= 100:  # the original asserts this
     raise ValueError(f"wav_to_fbank: waveform too short ({wave.shape[1]} samples)")
   wave = wave - wave.mean(axis=1, keepdims=True)
@@ -157,5 +164,4 @@ def wav_to_fbank(wave: jax.Array, target_length: int, *,
   segment = target_length * HOP
   wave = wave[:, :segment]
   wave = jnp.pad(wave, ((0, 0), (0, segment - wave.shape[1])))  # [B, segment]
-  mel, _, _ = mel_spectrogram(jnp.clip(wave, -1.0, 1.0))  # [B, M, target_length + 1]
-  return jnp.swapaxes(mel[:, :, :target_length], 1, 2)  # [B, target_length, M]
+  return jnp.clip(wave, -1.0, 1.0)

@@ -21,7 +21,8 @@ processes take interleaved positions of one global sequence, together they see e
 source's epoch exactly once. With worker processes each worker batches its own slice, so batch order
 depends on `num_workers` (still deterministic); a checkpoint restores onto the same `num_workers`.
 
-Batches: `key`/`source`: B strings; `image` float32 [B, S, S, 3] and `video` [B, F, S, S, 3] in
+Batches: `key`/`source`: B strings; `index` int64 [B], each example's position in the global
+stream; `image` float32 [B, S, S, 3] and `video` [B, F, S, S, 3] in
 [-1, 1]; `audio` float32 [B, L]; `text`: B strings, plus `text_tokens` int32 [B, T] when a
 tokenizer is given. B batch, S image side, F frames, L audio samples, T text tokens.
 """
@@ -316,6 +317,12 @@ def _source_dataset(source: Source, spec: StageData) -> grain.MapDataset:
   return grain.MapDataset.source(examples).map(_DecodeRecord(spec, source.name))
 
 
+def _with_index(index: int, element: dict[str, Any] | None) -> dict[str, Any] | None:
+  """Adds the example's position in the global stream (before the process split): training keys
+  each example's randomness by it, so results do not depend on how batches are split."""
+  return None if element is None else {**element, "index": np.int64(index)}
+
+
 def _derived_seed(seed: int, *path: int) -> int:
   return int(np.random.SeedSequence([seed, *path]).generate_state(1)[0])
 
@@ -350,6 +357,7 @@ def build_pipeline(spec: StageData, *, batch_size: int, seed: int,
   weights = [s.weight for s in spec.sources]
   ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
   ds = ds.random_map(_Preprocess(spec, tokenizer), seed=_derived_seed(seed, len(parts)))
+  ds = ds.map_with_index(_with_index)
   ds = ds[process_index::process_count]
   read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * batch_size)
   it = ds.to_iter_dataset(read).batch(batch_size, drop_remainder=True,

@@ -28,16 +28,23 @@ def add_noise(x0: jax.Array, noise: jax.Array, t: jax.Array,
 
 
 def epsilon_loss(model_fn: ModelFn, params: Any, x0: Mapping[Modality, jax.Array],
-                 context: jax.Array, rng: jax.Array,
+                 context: jax.Array, keys: jax.Array,
                  schedule: ScheduleConfig = ScheduleConfig()
                  ) -> tuple[jax.Array, dict[Modality, jax.Array]]:
-  """Returns (joint loss, {modality: its MSE}) for clean latents x0."""
+  """Returns (joint loss, {modality: its MSE}) for clean latents x0 [B, ...].
+
+  keys: one PRNG key per example [B]; row b's timestep and noise come from keys[b] alone, so an
+  example's loss term does not depend on the batch it is in or its row.
+  """
   if not x0:
     raise ValueError("epsilon_loss needs at least one modality")
   batch = next(iter(x0.values())).shape[0]
-  t_rng, noise_rng = jax.random.split(rng)
-  t = jax.random.randint(t_rng, (batch,), 0, schedule.num_timesteps)
-  noise = {m: jax.random.normal(jax.random.fold_in(noise_rng, i), x.shape, jnp.float32)
+  if keys.shape != (batch,):
+    raise ValueError(f"epsilon_loss needs one key per example, got keys {keys.shape} for a batch "
+                     f"of {batch}")
+  fold = lambda i: jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
+  t = jax.vmap(lambda k: jax.random.randint(k, (), 0, schedule.num_timesteps))(fold(0))
+  noise = {m: jax.vmap(lambda k, s=x.shape[1:]: jax.random.normal(k, s, jnp.float32))(fold(1 + i))
            for i, (m, x) in enumerate(sorted(x0.items()))}
   x_t = {m: add_noise(x.astype(jnp.float32), noise[m], t, schedule) for m, x in x0.items()}
   eps = model_fn(params, x_t, t, context)

@@ -42,6 +42,7 @@ class CoDiConfig:
   alignment: Alignment = Alignment.OTHERS
   attention_impl: AttentionImpl = AttentionImpl.XLA
   dtype: str = "float32"
+  remat: str = "none"  # rematerialisation per block: none | full | dots (`unet.REMAT_POLICIES`)
 
   def __post_init__(self):
     object.__setattr__(self, "alignment", Alignment.parse(self.alignment))
@@ -94,7 +95,7 @@ class CoDiUNet(nn.Module):
 
   def setup(self):
     cfg = self.config
-    kw = dict(attention_impl=cfg.attention_impl, dtype=jnp.dtype(cfg.dtype))
+    kw = dict(attention_impl=cfg.attention_impl, dtype=jnp.dtype(cfg.dtype), remat=cfg.remat)
     if cfg.image is not None:
       self.unet_image = UNet2D(cfg.image, **kw)
     if cfg.text is not None:
@@ -171,4 +172,4 @@ def codi_config_from_dict(model: Mapping) -> CoDiConfig:
   return CoDiConfig(image=branch("image"), text=branch("text"), audio=branch("audio"),
                     alignment=model.get("alignment", Alignment.OTHERS),
                     attention_impl=model.get("attention_impl", AttentionImpl.XLA),
-                    dtype=model.get("dtype", "float32"))
+                    dtype=model.get("dtype", "float32"), remat=model.get("remat", "none"))

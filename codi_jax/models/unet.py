@@ -300,6 +300,24 @@ class TimestepSequential(nn.Module):
     return h
 
 
+# Rematerialisation per block (`config.model.remat`): what a block's backward pass may keep from
+# its forward pass instead of recomputing it.
+REMAT_POLICIES = {
+    "none": None,  # keep everything (no remat)
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+}
+
+
+def sequential(remat: str) -> type[TimestepSequential]:
+  """TimestepSequential, wrapped in `nn.remat` with the named policy unless it is "none"."""
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat policy {remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+  if remat == "none":
+    return TimestepSequential
+  return nn.remat(TimestepSequential, policy=REMAT_POLICIES[remat])
+
+
 class BlockList(nn.Module):
   """An original `nn.ModuleList` of TimestepEmbedSequentials; `None` entries hold no module."""
 
@@ -308,6 +326,7 @@ class BlockList(nn.Module):
   num_frames: int | None
   attention_impl: AttentionImpl
   dtype: Dtype
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, index: int, h: jax.Array, emb: jax.Array,
@@ -315,8 +334,8 @@ class BlockList(nn.Module):
     layers = self.blocks[index]
     if layers is None:
       return h
-    return TimestepSequential(layers, self.fully_connected, self.num_frames, self.attention_impl,
-                              self.dtype, name=str(index))(h, emb, context)
+    return sequential(self.remat)(layers, self.fully_connected, self.num_frames,
+                                  self.attention_impl, self.dtype, name=str(index))(h, emb, context)
 
 
 def _repeat_frames(a: jax.Array | None, num_frames: int | None) -> jax.Array | None:
@@ -337,6 +356,7 @@ class UNet2D(nn.Module):
   config: UNetConfig
   attention_impl: AttentionImpl = AttentionImpl.XLA
   dtype: Dtype = jnp.float32
+  remat: str = "none"  # a key of REMAT_POLICIES, applied to every block
 
   def _fold(self, x: jax.Array) -> tuple[jax.Array, int | None]:
     """Input to block features: fold video frames into the batch."""
@@ -373,7 +393,7 @@ class UNet2D(nn.Module):
     emb = _repeat_frames(TimeEmbed(cfg.model_channels, dtype=self.dtype, name="time_embed")(
         timesteps), frames)
     blocks = lambda specs, name: BlockList(specs, cfg.fully_connected, frames, self.attention_impl,
-                                           self.dtype, name=name)
+                                           self.dtype, self.remat, name=name)
 
     if environment_only:
       conn = blocks(layout.connecters_out, "connecters_out")
@@ -395,8 +415,9 @@ class UNet2D(nn.Module):
       if connector_context is not None:
         h = in_conn(k, h, emb, connector_context)
       skips.append(h)
-    h = TimestepSequential(layout.middle_block, cfg.fully_connected, frames, self.attention_impl,
-                           self.dtype, name="middle_block")(h, emb, context)
+    middle = sequential(self.remat)(layout.middle_block, cfg.fully_connected, frames,
+                                    self.attention_impl, self.dtype, name="middle_block")
+    h = middle(h, emb, context)
     # Quirk of the released joint forward (`UNetModelCoDi.forward`): the list holding the last
     # input block's output is updated in place by the middle block, so the first output block
     # concatenates the middle block's output with itself. The released weights run this way.

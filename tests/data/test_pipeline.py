@@ -121,8 +121,9 @@ def test_stage_validation_errors():
 def test_synthetic_batches_have_fixed_shapes(stage, fields):
   batch, = take(pipeline.build_pipeline(synthetic_stage(stage), batch_size=3, seed=0,
                                         process_index=0, process_count=1), 1)
-  assert set(batch) == {"key", "source", *fields}
+  assert set(batch) == {"key", "source", "index", *fields}
   assert len(batch["key"]) == 3 and batch["source"] == ["synthetic/train"] * 3
+  assert batch["index"].tolist() == [0, 1, 2]  # positions in the global stream
   for name, shape in fields.items():
     if shape is None:
       assert [type(t) for t in batch[name]] == [str] * 3
@@ -348,3 +349,16 @@ def test_throughput_command_reports(tmp_path):
                         "records", "--stage", "diffuse_image"], cwd=REPO, capture_output=True,
                        text=True, timeout=300, check=False)
   assert bad.returncode != 0 and "--records" in bad.stderr
+
+
+def test_processes_see_their_positions_of_the_global_stream():
+  """Process p of P gets positions p, p + P, ...: the index field names them."""
+  spec = synthetic_stage("autoencode_audio")
+  one, = take(pipeline.build_pipeline(spec, batch_size=4, seed=0, process_index=0,
+                                      process_count=1), 1)
+  halves = [next(iter(pipeline.build_pipeline(spec, batch_size=2, seed=0, process_index=p,
+                                              process_count=2))) for p in range(2)]
+  assert [h["index"].tolist() for h in halves] == [[0, 2], [1, 3]]
+  for h in halves:
+    for j, i in enumerate(h["index"]):
+      np.testing.assert_array_equal(h["audio"][j], one["audio"][i])

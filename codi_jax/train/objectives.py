@@ -1,0 +1,260 @@
+"""What each training stage computes: frozen features of a batch, and the stage's loss.
+
+Everything here runs inside the jitted train step on one global batch (host tokenisation is done
+by `codi_jax.train.data`). Randomness is per example: every row has its own key, folded from
+the step key and the example's global position in the data stream (`batch["index"]`), so a
+step's loss is the same whatever the device count, the process count or the order rows arrive in.
+
+Batch fields (B rows; see `codi_jax.train.data`): `index` int [B]; `image` [B, S, S, 3] and
+`video` [B, F, S, S, 3] in [-1, 1]; `audio` [B, L] 16 kHz mono; `clip_ids` [B, 77] (CLIP text),
+`bert_ids` [B, Tb] (Optimus encoder), `gpt2_ids` [B, Tg] (Optimus decoder: <BOS> text <EOS>,
+then <PAD>).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from codi_jax import components
+from codi_jax.audio.mel import HOP, fbank_clip, mel_spectrogram, wav_to_fbank
+from codi_jax.diffusion.losses import add_noise, epsilon_loss
+from codi_jax.diffusion.schedule import ScheduleConfig
+from codi_jax.modality import Modality
+from codi_jax.models import autoencoder, clap, clip, optimus, vocoder
+from codi_jax.models.clip_preprocess import CLIP_MEAN, CLIP_STD
+from codi_jax.models.codi import CoDiUNet, codi_config_from_dict
+from codi_jax.models.layers import l2_normalize
+from codi_jax.models.optimus import PAD_ID
+
+PyTree = Any
+Batch = Mapping[str, jax.Array]
+
+# Per-row random streams (folded into each row's key).
+_T, _NOISE, _POSTERIOR, _DROP, _CHOICE = 0, 1, 2, 3, 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+  """The modules of every part, built from `config.model` (no parameters)."""
+
+  diffusers: CoDiUNet
+  image_vae: autoencoder.AutoencoderKL
+  audio_vae: autoencoder.AutoencoderKL
+  vocoder: vocoder.HiFiGAN
+  optimus: optimus.Optimus
+  clip: clip.CLIPModel
+  clap: clap.ClapAudioEncoder
+
+  @classmethod
+  def from_config(cls, model: Mapping) -> Models:
+    return cls(diffusers=CoDiUNet(codi_config_from_dict(model)),
+               image_vae=autoencoder.AutoencoderKL(components.image_vae_config(model)),
+               audio_vae=autoencoder.AutoencoderKL(components.audio_vae_config(model)),
+               vocoder=vocoder.HiFiGAN(components.vocoder_config(model)),
+               optimus=optimus.Optimus(components.optimus_config(model)),
+               clip=clip.CLIPModel(components.clip_config(model)),
+               clap=clap.ClapAudioEncoder(components.clap_config(model)))
+
+
+def row_keys(rng: jax.Array, index: jax.Array) -> jax.Array:
+  """One key per example: rng folded with the example's global stream position [B]."""
+  return jax.vmap(lambda i: jax.random.fold_in(rng, i))(index.astype(jnp.uint32))
+
+
+def _stream(keys: jax.Array, stream: int) -> jax.Array:
+  return jax.vmap(lambda k: jax.random.fold_in(k, stream))(keys)
+
+
+def _normal(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """[B, *shape] standard normal, row b from keys[b]."""
+  return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
+
+
+def _uniform(keys: jax.Array) -> jax.Array:
+  return jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)
+
+
+def _kl(posterior: autoencoder.DiagonalGaussian) -> jax.Array:
+  """KL(q || N(0, I)) per element."""
+  return 0.5 * (jnp.square(posterior.mean) + jnp.exp(posterior.logvar) - 1.0 - posterior.logvar)
+
+
+def _sample(posterior: autoencoder.DiagonalGaussian, keys: jax.Array) -> jax.Array:
+  noise = _normal(keys, posterior.mean.shape[1:])
+  return posterior.mean + jnp.exp(0.5 * posterior.logvar) * noise
+
+
+def audio_frames(samples: int) -> int:
+  """Log-mel frames of a training clip of `samples` 16 kHz samples: AudioLDM's
+  `int(seconds * 102.4)`, in exact integer arithmetic."""
+  frames = samples * 16 // 2500
+  if frames < 1:
+    raise ValueError(f"a clip of {samples} samples has no log-mel frames")
+  return frames
+
+
+# --- frozen features ------------------------------------------------------------------------------
+
+def clip_pixels(x: jax.Array, size: int) -> jax.Array:
+  """[-1, 1] images [..., S, S, 3] -> CLIP pixel values at size x size (bicubic when resized).
+
+  The in-graph counterpart of `clip_preprocess.preprocess` (which runs PIL on the host for
+  bit-exact inference); training only needs a consistent, differentiable-free transform."""
+  if x.shape[-3:-1] != (size, size):
+    lead = x.shape[:-3]
+    flat = x.reshape((-1,) + x.shape[-3:])
+    flat = jax.image.resize(flat, (flat.shape[0], size, size, 3), "bicubic")
+    x = flat.reshape(lead + (size, size, 3))
+  x = (jnp.clip(x, -1.0, 1.0) + 1.0) / 2.0
+  return (x - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
+
+
+def condition_token(models: Models, params: Mapping[str, PyTree], batch: Batch,
+                    modality: Modality) -> jax.Array:
+  """Unit-norm prompt token [B, D] of one modality of the batch (CLIP text/vision, CLAP)."""
+  if modality is Modality.TEXT:
+    tok = models.clip.apply({"params": params["clip"]}, batch["clip_ids"],
+                            method=clip.CLIPModel.encode_text)
+  elif modality in (Modality.IMAGE, Modality.VIDEO):
+    pixels = clip_pixels(batch[modality.value], models.clip.config.vision.image_size)
+    tok = models.clip.apply({"params": params["clip"]}, pixels,
+                            method=clip.CLIPModel.encode_vision)
+  else:
+    tok = models.clap.apply(params["clap"], batch["audio"][:, None])
+  return tok[:, 0]
+
+
+def null_token(models: Models, params: Mapping[str, PyTree], batch: Batch,
+               modality: Modality) -> jax.Array:
+  """The unconditional token [D] of a modality, as inference builds it (CLIP of "", of a grey
+  image/video, CLAP of silence)."""
+  if modality is Modality.TEXT:
+    null = {"clip_ids": batch["null_clip_ids"][None]}
+  elif modality is Modality.AUDIO:
+    null = {"audio": jnp.zeros_like(batch["audio"][:1])}
+  else:
+    null = {modality.value: jnp.zeros_like(batch[modality.value][:1])}
+  return condition_token(models, params, null, modality)[0]
+
+
+def latent(models: Models, params: Mapping[str, PyTree], batch: Batch, modality: Modality,
+           keys: jax.Array) -> jax.Array:
+  """The diffusion latent x0 of one modality (what the diffuser learns to generate): a
+  posterior sample of the frozen VAE (scaled), or the Optimus mean (scaled) for text."""
+  keys = _stream(keys, _POSTERIOR)
+  if modality in (Modality.IMAGE, Modality.VIDEO):
+    vae = models.image_vae
+    posterior = vae.apply({"params": params["autokl"]}, batch[modality.value],
+                          method=autoencoder.AutoencoderKL.encode)
+    return vae.config.scale_factor * _sample(posterior, keys)
+  if modality is Modality.AUDIO:
+    vae = models.audio_vae
+    fbank = wav_to_fbank(batch["audio"], audio_frames(batch["audio"].shape[1]))[..., None]
+    posterior = vae.apply({"params": params["audioldm_vae"]}, fbank,
+                          method=autoencoder.AutoencoderKL.encode)
+    return vae.config.scale_factor * _sample(posterior, keys)
+  return models.optimus.apply({"params": params["optimus"]}, batch["bert_ids"],
+                              method=optimus.Optimus.codi_encode)
+
+
+# --- losses -----------------------------------------------------------------------------------
+
+def contrastive_loss(a: jax.Array, b: jax.Array, logit_scale: jax.Array | float) -> jax.Array:
+  """Symmetric InfoNCE between unit-norm rows of a and b [B, D] (row i of a pairs row i of b)."""
+  logits = jnp.exp(logit_scale) * a @ b.T  # [B, B]
+  labels = jnp.arange(a.shape[0])
+  ce = lambda x: -jnp.mean(jax.nn.log_softmax(x, axis=-1)[labels, labels])
+  return 0.5 * (ce(logits) + ce(logits.T))
+
+
+def vae_loss(vae: autoencoder.AutoencoderKL, params: PyTree, x: jax.Array, keys: jax.Array,
+             kl_weight: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """L1 reconstruction (mean per element) + kl_weight * KL per input element (LDM's KL-VAE
+  objective with both terms divided by the number of input elements)."""
+  posterior = vae.apply({"params": params}, x, method=autoencoder.AutoencoderKL.encode)
+  z = _sample(posterior, _stream(keys, _POSTERIOR))
+  recon = vae.apply({"params": params}, z, method=autoencoder.AutoencoderKL.decode)
+  rec = jnp.mean(jnp.abs(recon - x))
+  kl = jnp.mean(jnp.sum(_kl(posterior), axis=tuple(range(1, z.ndim)))) / (x.size / x.shape[0])
+  return rec + kl_weight * kl, {"rec": rec, "kl": kl, "latent_std": jnp.std(posterior.mean)}
+
+
+def vocoder_loss(model: vocoder.HiFiGAN, params: PyTree, audio: jax.Array, frames: int
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """HiFi-GAN's mel-spectrogram L1 term: the vocoder turns the clip's log-mel into a wave whose
+  log-mel should match (the adversarial terms of HiFi-GAN are not used)."""
+  wave = fbank_clip(audio, frames)  # [B, frames * HOP], what the mel is computed from
+  mel, _, _ = mel_spectrogram(wave)  # [B, M, frames + 1]
+  mel = jnp.swapaxes(mel[:, :, :frames], 1, 2)  # [B, frames, M]
+  out = vocoder.mel_to_waveform(model, params, mel[:, None])[:, 0, :frames * HOP]
+  out_mel, _, _ = mel_spectrogram(jnp.clip(out, -1.0, 1.0))
+  out_mel = jnp.swapaxes(out_mel[:, :, :frames], 1, 2)
+  loss = jnp.mean(jnp.abs(out_mel - mel))
+  return loss, {"mel_l1": loss}
+
+
+def optimus_loss(model: optimus.Optimus, params: PyTree, bert_ids: jax.Array, gpt2_ids: jax.Array,
+                 keys: jax.Array, beta: float, free_bits: float
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Optimus' VAE objective: token cross-entropy of GPT-2 given z ~ q(z | BERT(text)), plus
+  beta * KL with free bits (per latent dimension, as Optimus does), both per target token."""
+  variables = {"params": params}
+  posterior = model.apply(variables, bert_ids, method=optimus.Optimus.encode)
+  noise = _normal(_stream(keys, _POSTERIOR), posterior.mu.shape[1:])
+  z = posterior.mu + jnp.exp(0.5 * posterior.logvar) * noise
+  logits = model.apply(variables, gpt2_ids[:, :-1], z, method=optimus.Optimus.decode_logits)
+  targets = gpt2_ids[:, 1:]
+  mask = (targets != PAD_ID).astype(jnp.float32)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  tokens = jnp.maximum(jnp.sum(mask), 1.0)
+  ce = jnp.sum(nll * mask) / tokens
+  kl_dim = 0.5 * (jnp.square(posterior.mu) + jnp.exp(posterior.logvar) - 1.0 - posterior.logvar)
+  kl = jnp.sum(jnp.maximum(jnp.mean(kl_dim, axis=0), free_bits)) * gpt2_ids.shape[0] / tokens
+  accuracy = jnp.sum((jnp.argmax(logits, -1) == targets) * mask) / tokens
+  return ce + beta * kl, {"ce": ce, "kl": kl, "token_accuracy": accuracy}
+
+
+def diffusion_loss(models: Models, diffuser_params: PyTree, x0: Mapping[Modality, jax.Array],
+                   context: jax.Array, keys: jax.Array, schedule: ScheduleConfig
+                   ) -> tuple[jax.Array, dict[Modality, jax.Array]]:
+  """The epsilon loss of the joint diffuser on clean latents x0 (one or several modalities)."""
+  model_fn = lambda p, x, t, c: models.diffusers.apply({"params": p}, x, t, c)
+  return epsilon_loss(model_fn, diffuser_params, x0, context, keys, schedule)
+
+
+def drop_conditions(token: jax.Array, null: jax.Array, keys: jax.Array, rate: float
+                    ) -> jax.Array:
+  """Replaces each row's token by the null token with probability `rate` (guidance training)."""
+  drop = _uniform(_stream(keys, _DROP)) < rate
+  return jnp.where(drop[:, None], null[None], token)
+
+
+def choose_conditions(tokens: list[jax.Array], null: jax.Array, keys: jax.Array,
+                      null_rate: float) -> jax.Array:
+  """Per row: the null token with probability null_rate, else one of `tokens` uniformly."""
+  u = _uniform(_stream(keys, _CHOICE))
+  which = jnp.minimum((u - null_rate) / (1.0 - null_rate) * len(tokens), len(tokens) - 1)
+  out = null[None] * jnp.ones_like(tokens[0])
+  for i, tok in enumerate(tokens):
+    out = jnp.where(((u >= null_rate) & (jnp.floor(which) == i))[:, None], tok, out)
+  return out
+
+
+def environment_contrastive(models: Models, diffuser_params: PyTree,
+                            x0: Mapping[Modality, jax.Array], keys: jax.Array,
+                            schedule: ScheduleConfig, logit_scale: float) -> jax.Array:
+  """InfoNCE between the environment codes of paired latents (noised at one shared timestep):
+  pulls the codes of matching examples together across modalities (latent alignment)."""
+  t_keys = _stream(keys, _T)
+  t = jax.vmap(lambda k: jax.random.randint(k, (), 0, schedule.num_timesteps))(t_keys)
+  x_t = {m: add_noise(x, _normal(_stream(keys, _NOISE + 10 + i), x.shape[1:]), t, schedule)
+         for i, (m, x) in enumerate(sorted(x0.items()))}
+  codes = models.diffusers.apply({"params": diffuser_params}, x_t, t,
+                                 method=CoDiUNet.environment_codes)
+  a, b = (l2_normalize(codes[m].astype(jnp.float32)) for m in sorted(codes))
+  return contrastive_loss(a, b, jnp.log(logit_scale))

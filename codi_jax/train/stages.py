@@ -1,0 +1,275 @@
+"""CoDi's training stages (DESIGN.md "Training stages"): what each trains, freezes, reads and
+minimises.
+
+  autoencoders     image KL-VAE, audio mel VAE, HiFi-GAN vocoder, Optimus text VAE (each on its own
+                   modality; `config.train.autoencoders` picks which)
+  align_encoders   "bridging alignment": CLIP vision (image and video) and CLAP are trained
+                   contrastively into the frozen CLIP text space (text is the bridge)
+  diffuse_image    the image diffuser (spatial layers), conditioned on text tokens
+  diffuse_video    the image diffuser's temporal layers only, on video, conditioned on text
+  diffuse_audio    the audio diffuser, conditioned on text
+  diffuse_text     the text diffuser, conditioned on image tokens
+  latent_align     diffusers frozen; environment encoders + connector cross-attention trained on
+                   joint generation, in the paper's order of pairs: text-image, then text-audio,
+                   then audio-video (one phase each, `config.train.latent_align_pairs`)
+
+A stage names the parts it needs (loaded or initialised), a predicate selecting its trainable
+leaves (everything else is frozen and never enters the optimizer), and its phases. A phase has
+its data (the modalities it reads) and the subset of the trainable leaves it updates; the loss
+is `loss(phase, models, params, batch, keys, config)`.
+
+Parameter leaves are addressed as (part, path) with path the tuple of Flax names inside the part
+(CLAP's part tree is {"params", "batch_stats"}).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from codi_jax.diffusion.schedule import ScheduleConfig
+from codi_jax.modality import Modality
+from codi_jax.train import objectives as obj
+
+PyTree = Any
+Path = tuple[str, ...]
+Selector = Callable[[str, Path], bool]
+
+AUTOENCODERS = ("autokl", "audioldm_vae", "hifigan_vocoder", "optimus")
+CONNECTORS = frozenset(("connecters_out", "input_block_connecters_in",
+                        "output_block_connecters_in"))
+# Children of the video architecture's SpatioTemporalAttention (`_VideoRes` child "1").
+_TEMPORAL_CHILDREN = frozenset(("ff", "frameshiftblock", "temporal_attn", "temporal_rel_pos_bias"))
+PAIRS: dict[str, tuple[Modality, Modality]] = {
+    "text_image": (Modality.TEXT, Modality.IMAGE),
+    "audio_text": (Modality.AUDIO, Modality.TEXT),
+    "audio_video": (Modality.AUDIO, Modality.VIDEO),
+}
+
+
+def is_connector(path: Path) -> bool:
+  """Latent-alignment leaves of a diffuser: environment encoder and connector attention."""
+  return len(path) > 1 and path[1] in CONNECTORS
+
+
+def is_temporal(path: Path) -> bool:
+  """Video-only leaves of the image diffuser (the temporal half of each video ResBlock pair)."""
+  if path[0] != "unet_image":
+    return False
+  for i in range(2, len(path) - 1):
+    if path[i] == "1" and path[i - 1].isdigit() and path[i + 1] in _TEMPORAL_CHILDREN:
+      return "transformer_blocks" not in path[:i]
+  return False
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  name: str
+  modalities: tuple[Modality, ...]  # what the batch holds
+  updates: Selector  # which trainable leaves this phase moves
+  # The condition (diffusion stages) or pair (latent alignment).
+  outputs: tuple[Modality, ...] = ()
+  condition: Modality | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  name: str
+  parts: tuple[str, ...]  # parts the stage reads (trainable or frozen)
+  trainable: Selector
+  phases: tuple[Phase, ...]
+  loss: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+  description: str
+
+  def phase_at(self, step: int, total_steps: int) -> int:
+    """Index of the phase step `step` belongs to: the steps are split evenly, in order."""
+    n = len(self.phases)
+    return min(n - 1, step * n // max(total_steps, 1))
+
+  def phase_start(self, phase: int, total_steps: int) -> int:
+    n = len(self.phases)
+    return -(-phase * total_steps // n)
+
+
+_ALL: Selector = lambda part, path: True
+
+
+# --- losses per stage ---------------------------------------------------------------------------
+
+def _autoencoders_loss(phase: Phase, models: obj.Models, params, batch, keys, config):
+  t = config.train
+  chosen = _autoencoder_parts(config)
+  terms, metrics = [], {}
+  frames = obj.audio_frames(config.data.audio_samples)
+  if "autokl" in chosen:
+    loss, m = obj.vae_loss(models.image_vae, params["autokl"], batch["image"], keys, t.kl_weight)
+    terms.append(loss)
+    metrics.update({f"image_vae/{k}": v for k, v in m.items()})
+  if "audioldm_vae" in chosen:
+    fbank = obj.wav_to_fbank(batch["audio"], frames)[..., None]
+    loss, m = obj.vae_loss(models.audio_vae, params["audioldm_vae"], fbank,
+                           obj._stream(keys, 7), t.kl_weight)
+    terms.append(loss)
+    metrics.update({f"audio_vae/{k}": v for k, v in m.items()})
+  if "hifigan_vocoder" in chosen:
+    loss, m = obj.vocoder_loss(models.vocoder, params["hifigan_vocoder"], batch["audio"], frames)
+    terms.append(loss)
+    metrics.update({f"vocoder/{k}": v for k, v in m.items()})
+  if "optimus" in chosen:
+    loss, m = obj.optimus_loss(models.optimus, params["optimus"], batch["bert_ids"],
+                               batch["gpt2_ids"], keys, t.optimus_beta, t.optimus_free_bits)
+    terms.append(loss)
+    metrics.update({f"optimus/{k}": v for k, v in m.items()})
+  return sum(terms), metrics
+
+
+def _align_loss(phase: Phase, models: obj.Models, params, batch, keys, config):
+  text = jax.lax.stop_gradient(obj.condition_token(models, params, batch, Modality.TEXT))
+  scale = jnp.minimum(params["clip"]["logit_scale"], jnp.log(100.0))  # CLIP's clamp
+  total, metrics = 0.0, {"logit_scale": jnp.exp(scale)}
+  for m in (Modality.IMAGE, Modality.VIDEO, Modality.AUDIO):
+    tok = obj.condition_token(models, params, batch, m)
+    loss = obj.contrastive_loss(tok, text, scale)
+    total = total + loss
+    metrics[f"{m.value}_text"] = loss
+    metrics[f"{m.value}_text_cosine"] = jnp.mean(jnp.sum(tok * text, axis=-1))
+  return total, metrics
+
+
+def _context(models, params, batch, keys, config, condition: Modality) -> jax.Array:
+  """[B, 1, D] condition tokens with guidance dropout."""
+  tok = obj.condition_token(models, params, batch, condition)
+  null = obj.null_token(models, params, batch, condition)
+  return obj.drop_conditions(tok, null, keys, config.train.cond_dropout)[:, None]
+
+
+def _diffuse_loss(phase: Phase, models: obj.Models, params, batch, keys, config):
+  out = phase.outputs[0]
+  frozen = jax.lax.stop_gradient
+  x0 = frozen(obj.latent(models, params, batch, out, keys))
+  context = frozen(_context(models, params, batch, keys, config, phase.condition))
+  loss, _ = obj.diffusion_loss(models, params["diffusers"], {out: x0}, context, keys,
+                               ScheduleConfig(**config.diffusion))
+  return loss, {f"{out.value}_mse": loss}
+
+
+def _latent_align_loss(phase: Phase, models: obj.Models, params, batch, keys, config):
+  frozen = jax.lax.stop_gradient
+  x0 = {m: frozen(obj.latent(models, params, batch, m, obj._stream(keys, 20 + i)))
+        for i, m in enumerate(phase.outputs)}
+  tokens = [frozen(obj.condition_token(models, params, batch, m)) for m in phase.outputs]
+  null = frozen(obj.null_token(models, params, batch, Modality.TEXT))
+  context = obj.choose_conditions(tokens, null, keys, config.train.cond_dropout)[:, None]
+  schedule = ScheduleConfig(**config.diffusion)
+  loss, per = obj.diffusion_loss(models, params["diffusers"], x0, context, keys,
+                                 schedule)
+  metrics = {f"{m.value}_mse": v for m, v in per.items()}
+  weight = config.train.env_contrastive_weight
+  if weight:
+    env = obj.environment_contrastive(models, params["diffusers"], x0, keys, schedule,
+                                      config.train.env_contrastive_scale)
+    metrics["env_contrastive"] = env
+    loss = loss + weight * env
+  return loss, metrics
+
+
+# --- the table --------------------------------------------------------------------------------
+
+def _choices(config: ml_collections.ConfigDict, field: str, allowed) -> tuple[str, ...]:
+  """A non-empty comma-separated list of `config.train.<field>`, each in `allowed`."""
+  value = config.train[field]
+  chosen = tuple(p.strip() for p in str(value).split(",") if p.strip())
+  if not chosen or any(p not in allowed for p in chosen):
+    raise ValueError(f"config.train.{field}: choose a non-empty comma-separated subset of "
+                     f"{list(allowed)}, got {value!r}")
+  return chosen
+
+
+def _autoencoder_parts(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  return _choices(config, "autoencoders", AUTOENCODERS)
+
+
+def _latent_align_pairs(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  return _choices(config, "latent_align_pairs", PAIRS)
+
+
+def _branches_of(modalities) -> frozenset[str]:
+  return frozenset(m.branch for m in modalities)
+
+
+def _diffuse(name: str, out: Modality, condition: Modality, description: str) -> Stage:
+  branch = out.branch
+  if out is Modality.VIDEO:
+    trainable = lambda part, path: (part == "diffusers" and is_temporal(path)
+                                    and not is_connector(path))
+  else:
+    trainable = lambda part, path: (part == "diffusers" and path[0] == branch
+                                    and not is_connector(path) and not is_temporal(path))
+  encoder = "autokl" if out in (Modality.IMAGE, Modality.VIDEO) else (
+      "audioldm_vae" if out is Modality.AUDIO else "optimus")
+  prompt = "clap" if condition is Modality.AUDIO else "clip"
+  phase = Phase(name, (out, condition), _ALL, outputs=(out,), condition=condition)
+  return Stage(name, ("diffusers", encoder, prompt), trainable, (phase,), _diffuse_loss,
+               description)
+
+
+def get_stage(config: ml_collections.ConfigDict) -> Stage:
+  """The stage `config.stage` names, with its phases for this config."""
+  name = config.stage
+  if name == "autoencoders":
+    parts = _autoencoder_parts(config)
+    needs = set()
+    for p in parts:
+      needs |= {"autokl": {Modality.IMAGE}, "audioldm_vae": {Modality.AUDIO},
+                "hifigan_vocoder": {Modality.AUDIO}, "optimus": {Modality.TEXT}}[p]
+    phase = Phase("autoencoders", tuple(sorted(needs)), _ALL)
+    return Stage(name, parts, lambda part, path: part in parts, (phase,), _autoencoders_loss,
+                 "image VAE, audio VAE, vocoder and Optimus reconstruction")
+  if name == "align_encoders":
+    def trainable(part: str, path: Path) -> bool:
+      if part == "clip":
+        return path[0] in ("vision_model", "visual_projection", "logit_scale")
+      return part == "clap" and path[0] == "params"
+    phase = Phase("align_encoders", (Modality.TEXT, Modality.IMAGE, Modality.VIDEO,
+                                     Modality.AUDIO), _ALL)
+    return Stage(name, ("clip", "clap"), trainable, (phase,), _align_loss,
+                 "contrastive alignment of CLIP vision (image, video) and CLAP to CLIP text")
+  if name == "diffuse_image":
+    return _diffuse(name, Modality.IMAGE, Modality.TEXT, "image diffuser, text-conditioned")
+  if name == "diffuse_video":
+    return _diffuse(name, Modality.VIDEO, Modality.TEXT,
+                    "temporal layers of the image diffuser, on text-conditioned video")
+  if name == "diffuse_audio":
+    return _diffuse(name, Modality.AUDIO, Modality.TEXT, "audio diffuser, text-conditioned")
+  if name == "diffuse_text":
+    return _diffuse(name, Modality.TEXT, Modality.IMAGE, "text diffuser, image-conditioned")
+  if name == "latent_align":
+    phases = []
+    for pair in _latent_align_pairs(config):
+      mods = PAIRS[pair]
+      branches = _branches_of(mods)
+      updates = (lambda branches: lambda part, path: path[0] in branches)(branches)
+      phases.append(Phase(f"latent_align_{pair}", mods, updates, outputs=mods))
+    trainable = lambda part, path: part == "diffusers" and is_connector(path)
+    return Stage(name, ("diffusers", "autokl", "audioldm_vae", "optimus", "clip", "clap"),
+                 trainable, tuple(phases), _latent_align_loss,
+                 "environment encoders and connectors on joint generation, diffusers frozen")
+  raise ValueError(f"unknown stage {name!r}; choose one of {', '.join(STAGES)}")
+
+
+STAGES = ("autoencoders", "align_encoders", "diffuse_image", "diffuse_video", "diffuse_audio",
+          "diffuse_text", "latent_align")
+
+
+def split(stage: Stage, params: Mapping[str, Mapping[Path, Any]]
+          ) -> tuple[dict[str, dict[Path, Any]], dict[str, dict[Path, Any]]]:
+  """Flat {part: {path: leaf}} -> (trainable, frozen) by the stage's selector."""
+  trainable, frozen = {}, {}
+  for part, flat in params.items():
+    trainable[part] = {p: v for p, v in flat.items() if stage.trainable(part, p)}
+    frozen[part] = {p: v for p, v in flat.items() if not stage.trainable(part, p)}
+  return ({p: t for p, t in trainable.items() if t}, {p: f for p, f in frozen.items() if f})

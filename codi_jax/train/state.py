@@ -1,0 +1,209 @@
+"""The sharded train state: parameters split into trainable and frozen, the optimiser, the step.
+
+Parameters live as flat dicts {part: {"a/b/kernel": array}} (paths joined by "/", as orbax keys
+need strings). A stage's selector splits them: the trainable dict is in `TrainState` with its
+optimiser state and EMA; the frozen dict is a separate argument of the step, never differentiated
+or updated. Every leaf carries the logical axis names of its module, so both are placed by the
+config's rules (`codi_jax.parallel.sharding`): replicated, FSDP- or tensor-sharded.
+
+Where parameters come from (`load_params`): each part from the last `init_from` checkpoint that
+holds it (restored straight into its shards by orbax), else freshly initialised with the module's
+own initialisers, jitted with sharded outputs: nothing full-size is materialised on one device.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import logging
+import pathlib
+import zlib
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import flax.struct
+import flax.traverse_util
+import jax
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from codi_jax import checkpoint, components
+from codi_jax.parallel.sharding import logical_to_spec, unbox
+
+PyTree = Any
+Flat = dict[str, dict[str, Any]]  # {part: {"path/to/leaf": leaf}}
+SEP = "/"
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: optimiser steps taken
+  params: Flat  # trainable leaves, float32 master copies
+  opt_state: optax.OptState
+  ema_params: Flat
+
+
+def flatten(tree: PyTree) -> dict[str, Any]:
+  return {SEP.join(k): v for k, v in flax.traverse_util.flatten_dict(tree).items()}
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict:
+  return flax.traverse_util.unflatten_dict({tuple(k.split(SEP)): v for k, v in flat.items()})
+
+
+def merge(*flats: Flat) -> dict[str, dict]:
+  """{part: nested tree} from flat dicts that together hold every leaf of each part."""
+  parts: dict[str, dict[str, Any]] = {}
+  for flat in flats:
+    for part, leaves in flat.items():
+      parts.setdefault(part, {}).update(leaves)
+  return {part: unflatten(leaves) for part, leaves in parts.items()}
+
+
+_MODULES = {"diffusers": "codi", "autokl": "autoencoder", "audioldm_vae": "autoencoder",
+            "hifigan_vocoder": "vocoder", "optimus": "optimus", "clip": "clip"}
+
+
+def _part_init(model: Mapping, part: str, key: jax.Array):
+  """() -> boxed initial tree of `part` (CLAP: {"params", "batch_stats"}) from `key`."""
+  typed = components.component(part).config(model)
+  if part == "clap":
+    from codi_jax.models.clap import init_variables
+    return lambda: dict(init_variables(typed, key))
+  module = importlib.import_module(f"codi_jax.models.{_MODULES[part]}")
+  return lambda: module.init_params(typed, key)
+
+
+def abstract_part(model: Mapping, part: str) -> dict[str, Any]:
+  """Flat boxed `ShapeDtypeStruct`s of a part (logical names kept), no memory allocated (cached
+  per model config: tracing the full diffusers takes seconds)."""
+  plain = model.to_dict() if isinstance(model, ml_collections.ConfigDict) else dict(model)
+  return dict(_abstract_part(json.dumps(plain, sort_keys=True, default=str), part))
+
+
+@functools.lru_cache(maxsize=64)
+def _abstract_part(model_json: str, part: str) -> dict[str, Any]:
+  with nn.logical_axis_rules(()):
+    return flatten(jax.eval_shape(_part_init(json.loads(model_json), part, jax.random.key(0))))
+
+
+def leaf_sharding(leaf: Any, mesh: Mesh, rules) -> NamedSharding:
+  if isinstance(leaf, nn.LogicallyPartitioned):
+    return NamedSharding(mesh, logical_to_spec(leaf.names, leaf.value.shape, rules, mesh))
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def _init_part(model: Mapping, part: str, seed: int, shardings: Mapping[str, NamedSharding]
+               ) -> dict[str, jax.Array]:
+  """Fresh parameters of a part, created directly in their shards (jit with out_shardings)."""
+  key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(part.encode()))
+  init = _part_init(model, part, key)
+
+  def build():
+    with nn.logical_axis_rules(()):  # shardings come from our divisibility-aware rules
+      return flatten(unbox(init()))
+
+  return jax.jit(build, out_shardings=dict(shardings))()
+
+
+def _restore_part(directory: pathlib.Path, part: str, shardings: Mapping[str, NamedSharding],
+                  abstract: Mapping[str, Any]) -> dict[str, jax.Array]:
+  """A part of a model checkpoint restored straight into its shards."""
+  target = unflatten({k: jax.ShapeDtypeStruct(unbox(v).shape, unbox(v).dtype,
+                                               sharding=shardings[k])
+                      for k, v in abstract.items()})
+  restore_args = jax.tree_util.tree_map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding),
+                                        target)
+  try:
+    with ocp.PyTreeCheckpointer() as ckptr:
+      tree = ckptr.restore((directory / part).absolute(),
+                           args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))
+  except Exception as e:  # orbax raises many types; name the part and folder
+    raise ValueError(f"cannot restore part {part!r} from {directory}: {type(e).__name__}: {e}"
+                     ) from e
+  flat = flatten(tree)
+  if set(flat) != set(abstract):
+    missing, extra = sorted(set(abstract) - set(flat)), sorted(set(flat) - set(abstract))
+    raise ValueError(f"checkpoint {directory} part {part!r} does not match the configured model: "
+                     f"missing {missing[:5]}, unexpected {extra[:5]}")
+  return flat
+
+
+def init_sources(init_from: str | Sequence[str]) -> list[pathlib.Path]:
+  if isinstance(init_from, str):
+    init_from = [p.strip() for p in init_from.split(",") if p.strip()]
+  dirs = [pathlib.Path(p) for p in init_from]
+  for d in dirs:
+    if not (d / checkpoint.CONFIG_FILE).is_file():
+      raise ValueError(f"init_from {d} is not a model checkpoint (no {checkpoint.CONFIG_FILE})")
+  return dirs
+
+
+def load_params(config: ml_collections.ConfigDict, parts: Sequence[str], mesh: Mesh
+                ) -> tuple[Flat, dict[str, str]]:
+  """({part: flat sharded leaves}, {part: where it came from}) for `parts`: from the last
+  `config.init_from` checkpoint holding the part, else freshly initialised."""
+  rules = config.sharding_rules
+  sources = init_sources(config.init_from)
+  params, origin = {}, {}
+  for part in parts:
+    abstract = abstract_part(config.model, part)
+    shardings = {k: leaf_sharding(v, mesh, rules) for k, v in abstract.items()}
+    holder = next((d for d in reversed(sources) if part in checkpoint.saved_parts(d)), None)
+    if holder is not None:
+      params[part] = _restore_part(holder, part, shardings, abstract)
+      origin[part] = str(holder)
+    else:
+      params[part] = _init_part(config.model, part, config.seed, shardings)
+      origin[part] = "initialised"
+    logging.info("part %s: %s", part, origin[part])
+  return params, origin
+
+
+# --- optimiser ------------------------------------------------------------------------------------
+
+def learning_rate_schedule(t: ml_collections.ConfigDict) -> optax.Schedule:
+  warmup = int(t.warmup_steps)
+  if t.decay == "constant":
+    return optax.join_schedules([optax.linear_schedule(0.0, t.learning_rate, max(warmup, 1)),
+                                 optax.constant_schedule(t.learning_rate)], [warmup])
+  if t.decay == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        0.0, t.learning_rate, warmup, max(int(t.steps), warmup + 1),
+        end_value=t.learning_rate * t.end_learning_rate_fraction)
+  raise ValueError(f"config.train.decay must be 'cosine' or 'constant', got {t.decay!r}")
+
+
+def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Global-norm clipping, then AdamW (no weight decay on biases, norms and other 1-D leaves)."""
+  decay_mask = lambda params: jax.tree_util.tree_map(lambda x: x.ndim > 1, params)
+  return optax.chain(
+      optax.clip_by_global_norm(t.grad_clip),
+      optax.adamw(learning_rate_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps,
+                  weight_decay=t.weight_decay, mask=decay_mask))
+
+
+def state_sharding_like(abstract: TrainState, param_shardings: Flat) -> TrainState:
+  """Shardings of a state: optimiser moments shard like their parameters, scalars replicate."""
+  mesh = next(iter(next(iter(param_shardings.values())).values())).mesh
+  replicated = NamedSharding(mesh, PartitionSpec())
+  flat_params = {(part, k): s for part, leaves in param_shardings.items()
+                 for k, s in leaves.items()}
+
+  def one(path, leaf):
+    keys = [getattr(p, "key", None) for p in path]
+    # A moment leaf's path ends with (..., part, leaf name) exactly as the params dict.
+    sharding = flat_params.get(tuple(keys[-2:]))
+    if sharding is not None:
+      return sharding
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(one, abstract)
+
+
+def param_count(flat: Flat) -> int:
+  return sum(int(np.prod(v.shape)) for leaves in flat.values() for v in leaves.values())
