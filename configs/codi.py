@@ -211,7 +211,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       autoencoders="autokl,audioldm_vae,hifigan_vocoder,optimus",
       latent_align_pairs="text_image,audio_text,audio_video",
       log_every=t["log_every"], checkpoint_every=t["checkpoint_every"], keep_checkpoints=3,
-      async_checkpoints=True, sample_every=0))
+      async_checkpoints=True))
   config.data = ml_collections.ConfigDict(dict(
       source="synthetic",  # synthetic | records | tfds
       records="",  # record shards (files, folders, globs; comma-separated) for `records`
