@@ -103,7 +103,7 @@ def clip_pixels(x: jax.Array, size: int) -> jax.Array:
   """[-1, 1] images [..., S, S, 3] -> CLIP pixel values at size x size (bicubic when resized).
 
   The in-graph counterpart of `clip_preprocess.preprocess` (which runs PIL on the host for
-  bit-exact inference); training only needs a consistent, differentiable-free transform."""
+  bit-exact inference); training only needs the same transform at every step."""
   if x.shape[-3:-1] != (size, size):
     lead = x.shape[:-3]
     flat = x.reshape((-1,) + x.shape[-3:])

@@ -25,7 +25,7 @@ Parameter leaves are addressed as (part, path) with path the tuple of Flax names
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -263,13 +263,3 @@ def get_stage(config: ml_collections.ConfigDict) -> Stage:
 
 STAGES = ("autoencoders", "align_encoders", "diffuse_image", "diffuse_video", "diffuse_audio",
           "diffuse_text", "latent_align")
-
-
-def split(stage: Stage, params: Mapping[str, Mapping[Path, Any]]
-          ) -> tuple[dict[str, dict[Path, Any]], dict[str, dict[Path, Any]]]:
-  """Flat {part: {path: leaf}} -> (trainable, frozen) by the stage's selector."""
-  trainable, frozen = {}, {}
-  for part, flat in params.items():
-    trainable[part] = {p: v for p, v in flat.items() if stage.trainable(part, p)}
-    frozen[part] = {p: v for p, v in flat.items() if not stage.trainable(part, p)}
-  return ({p: t for p, t in trainable.items() if t}, {p: f for p, f in frozen.items() if f})
