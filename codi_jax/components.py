@@ -65,6 +65,9 @@ class Component:
   keymap: keymap.KeyMap
   config: Callable[[Mapping], Any]  # config.model -> typed config
   param_shapes: Callable[[Any], PyTree]  # typed config -> parameter shapes (no memory)
+  # (typed config, key) -> initial variables, boxed with logical axis names (CLAP: {"params",
+  # "batch_stats"}; the others: the params tree).
+  init: Callable[[Any, Any], PyTree]
   # Non-trainable state loaded from checkpoint buffers (CLAP's BatchNorm running statistics).
   state_shapes: Callable[[Any], PyTree] = lambda config: {}
   # typed config -> {key under `prefix`: Buffer}: what the original's state dict holds beyond
@@ -77,16 +80,18 @@ class Component:
 
 COMPONENTS: tuple[Component, ...] = (
     Component("autokl", "autokl.", keymap.AUTOENCODER, image_vae_config,
-              autoencoder.param_shapes),
+              autoencoder.param_shapes, autoencoder.init_params),
     Component("audioldm_vae", "audioldm.", keymap.AUTOENCODER, audio_vae_config,
-              autoencoder.param_shapes, buffers=lambda config: audioldm_buffers()),
+              autoencoder.param_shapes, autoencoder.init_params,
+              buffers=lambda config: audioldm_buffers()),
     Component("hifigan_vocoder", "audioldm.vocoder.", keymap.VOCODER, vocoder_config,
-              vocoder.param_shapes),
+              vocoder.param_shapes, vocoder.init_params),
     Component("optimus", "optimus.", keymap.OPTIMUS, optimus_config, optimus.param_shapes,
-              buffers=optimus_buffers),
+              optimus.init_params, buffers=optimus_buffers),
     Component("clip", "clip.model.", keymap.CLIP, clip_config, clip.param_shapes,
-              buffers=clip_buffers),
+              clip.init_params, buffers=clip_buffers),
     Component("clap", "clap.model.", keymap.CLAP, clap_config, clap.param_shapes,
+              lambda config, key: dict(clap.init_variables(config, key)),
               lambda config: clap.variable_shapes(config)["batch_stats"], clap_buffers),
 )
 
@@ -94,7 +99,7 @@ COMPONENTS: tuple[Component, ...] = (
 # The three diffusers as one part (the manifest counts them per branch: `param_report`). Their
 # DDPM schedule buffers are top-level keys of the CoDi state dict (`checkpoint.SCHEDULE_BUFFERS`).
 DIFFUSERS = Component("diffusers", "model.diffusion_model.", keymap.UNET,
-                      codi.codi_config_from_dict, codi.param_shapes)
+                      codi.codi_config_from_dict, codi.param_shapes, codi.init_params)
 
 # Every part of a CoDi checkpoint, in order.
 PARTS: tuple[Component, ...] = (DIFFUSERS,) + COMPONENTS

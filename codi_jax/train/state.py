@@ -14,7 +14,6 @@ own initialisers, jitted with sharded outputs: nothing full-size is materialised
 from __future__ import annotations
 
 import functools
-import importlib
 import json
 import logging
 import pathlib
@@ -64,18 +63,11 @@ def merge(*flats: Flat) -> dict[str, dict]:
   return {part: unflatten(leaves) for part, leaves in parts.items()}
 
 
-_MODULES = {"diffusers": "codi", "autokl": "autoencoder", "audioldm_vae": "autoencoder",
-            "hifigan_vocoder": "vocoder", "optimus": "optimus", "clip": "clip"}
-
-
 def _part_init(model: Mapping, part: str, key: jax.Array):
   """() -> boxed initial tree of `part` (CLAP: {"params", "batch_stats"}) from `key`."""
-  typed = components.component(part).config(model)
-  if part == "clap":
-    from codi_jax.models.clap import init_variables
-    return lambda: dict(init_variables(typed, key))
-  module = importlib.import_module(f"codi_jax.models.{_MODULES[part]}")
-  return lambda: module.init_params(typed, key)
+  c = components.component(part)
+  typed = c.config(model)
+  return lambda: c.init(typed, key)
 
 
 def abstract_part(model: Mapping, part: str) -> dict[str, Any]:
