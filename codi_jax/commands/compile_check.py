@@ -27,6 +27,8 @@ def main(argv: list[str]) -> int:
   if not TOPOLOGY.value:
     raise SystemExit("codi-jax compile-check: --topology is required (e.g. v5p:4x4x4)")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the chips are described, not used
+  # No chips are opened, so several compile-checks (or tests) may share libtpu at once.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from codi_jax.train.compile_check import compile_check, report
 
   try:

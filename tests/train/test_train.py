@@ -294,10 +294,9 @@ def test_two_processes_train_like_one(random_model, tmp_path):
 
 def test_compile_check_for_a_small_topology(random_model, tmp_path):
   try:
-    from jax.experimental import topologies
-    topologies.get_topology_desc("v5p:2x2x1", "tpu")
-  except Exception as e:  # noqa: BLE001 - any failure means no usable libtpu
-    pytest.skip(f"the tpu extra (libtpu) is not installed: {type(e).__name__}")
+    import libtpu  # noqa: F401
+  except ImportError:
+    pytest.skip("the tpu extra (libtpu) is not installed")
   out = tmp_path / "cc.json"
   cmd = [sys.executable, "-m", "codi_jax.cli", "compile-check", "--config.stage=diffuse_text",
          "--config.train.batch_size=8", "--topology=v5p:2x2x1", f"--json={out}"]
