@@ -15,7 +15,7 @@ demo: $(BIN)/codi-jax
 	$(BIN)/codi-jax demo --workdir outputs/demo
 
 test: $(BIN)/codi-jax
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
