@@ -83,13 +83,13 @@ ENCODERS = {
 PRESET_TRAIN = {
     "tiny": dict(steps=200, batch_size=8, learning_rate=1e-3, warmup_steps=20, image_size=64,
                  audio_samples=16 * 625, bert_length=32, gpt2_length=32, log_every=10,
-                 checkpoint_every=100),
+                 checkpoint_every=100, sample_every=100),
     "small": dict(steps=100_000, batch_size=64, learning_rate=1e-4, warmup_steps=1000,
                   image_size=256, audio_samples=256 * 625, bert_length=64, gpt2_length=64,
-                  log_every=50, checkpoint_every=2000),
+                  log_every=50, checkpoint_every=2000, sample_every=5000),
     "full": dict(steps=500_000, batch_size=256, learning_rate=1e-4, warmup_steps=10_000,
                  image_size=256, audio_samples=256 * 625, bert_length=64, gpt2_length=64,
-                 log_every=100, checkpoint_every=5000),
+                 log_every=100, checkpoint_every=5000, sample_every=5000),
 }
 
 # Logical axis -> mesh axes, tried in order; a dim takes the first rule whose mesh axes are free
@@ -211,7 +211,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       autoencoders="autokl,audioldm_vae,hifigan_vocoder,optimus",
       latent_align_pairs="text_image,audio_text,audio_video",
       log_every=t["log_every"], checkpoint_every=t["checkpoint_every"], keep_checkpoints=3,
-      async_checkpoints=True))
+      async_checkpoints=True,
+      # Sample media in TensorBoard (`codi_jax.train.samples`) every sample_every steps and at
+      # the last step (0: off): sample_count validation examples, DDIM with sample_ddim_steps.
+      sample_every=t["sample_every"], sample_count=4, sample_ddim_steps=20))
   config.data = ml_collections.ConfigDict(dict(
       source="synthetic",  # synthetic | records | tfds
       records="",  # record shards (files, folders, globs; comma-separated) for `records`

@@ -10,7 +10,8 @@ Frozen parts always come from 2 or 3 (they never change, so checkpoints do not c
 
 While it runs: metrics every `log_every` steps to the console (progress bar), TensorBoard and
 `<workdir>/metrics.jsonl` (step time, examples/s, TFLOP/s per device from the compiled step's
-FLOP count); checkpoints every `checkpoint_every` steps (async, keep-N). SIGTERM (preemption)
+FLOP count); sample media in TensorBoard every `sample_every` steps (`codi_jax.train.samples`);
+checkpoints every `checkpoint_every` steps (async, keep-N). SIGTERM (preemption)
 makes the run save a checkpoint at the step it reached and exit cleanly; SIGKILL at any moment
 loses only the steps since the last checkpoint, and the resumed run repeats them exactly. A
 non-finite loss or gradient stops the run with the window of steps it happened in; the state is
@@ -45,10 +46,12 @@ from codi_jax.parallel.mesh import create_mesh
 from codi_jax.train import data as train_data
 from codi_jax.train.checkpoints import CheckpointStore
 from codi_jax.train.metric_writers import create_writers
-from codi_jax.train.state import Flat, load_params, param_count, unflatten
+from codi_jax.train.samples import SampleLogger
+from codi_jax.train.state import load_params, merge, param_count
 from codi_jax.train.step import Trainer
 
 MODEL_DIR = "model"
+PyTree = Any
 
 
 class NonFiniteLoss(RuntimeError):
@@ -107,9 +110,10 @@ def _flops(compiled) -> float | None:
   return float(flops) if flops and flops > 0 else None
 
 
-def export_model(directory: pathlib.Path, params: Flat, config: ml_collections.ConfigDict) -> None:
-  """Writes sharded params as a `codi_jax.checkpoint` model folder (collective; atomic rename by
-  process 0): one orbax item per part and config.json."""
+def export_model(directory: pathlib.Path, params: dict[str, PyTree],
+                 config: ml_collections.ConfigDict) -> None:
+  """Writes sharded params ({part: tree}) as a `codi_jax.checkpoint` model folder (collective;
+  atomic rename by process 0): one orbax item per part and config.json."""
   directory = directory.absolute()
   tmp = directory.with_name(f".{directory.name}.tmp")
   if jax.process_index() == 0:
@@ -117,8 +121,8 @@ def export_model(directory: pathlib.Path, params: Flat, config: ml_collections.C
     tmp.mkdir(parents=True)
   multihost_utils.sync_global_devices("codi_export_start")
   with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)) as ckptr:
-    for part, leaves in params.items():
-      ckptr.save(tmp / part, unflatten(leaves))
+    for part, tree in params.items():
+      ckptr.save(tmp / part, tree)
   if jax.process_index() == 0:
     (tmp / checkpoint.CONFIG_FILE).write_text(config.to_json_best_effort(indent=2,
                                                                          sort_keys=True))
@@ -176,6 +180,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, export: bool = Tru
   logging.info("starting %s at step %d (%s)", stage.name, start, resumed)
 
   writer = create_writers(workdir_path, is_primary=primary, resume_step=start)
+  samples = SampleLogger.create(config, trainer, tokenizers, frozen)
   if primary:
     atomic_write_text(workdir_path / "config.json", config.to_json_best_effort(indent=2))
   step_fn, compiled_phase, flops = None, None, None
@@ -242,6 +247,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, export: bool = Tru
       if stop:
         preempted = True
         break
+      if samples and samples.due(step, total):
+        samples.write(step, phase_index, state, writer)
   bar.close()
   store.wait()
   writer.flush()
@@ -249,7 +256,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, export: bool = Tru
   if export and not preempted:
     model_dir = workdir_path / MODEL_DIR
     trained = state.ema_params if config.train.export_ema else state.params
-    export_model(model_dir, _merged_flat(trained, frozen), config)
+    export_model(model_dir, merge(trained, frozen), config)
     model_dir = str(model_dir)
   writer.close()
   store.close()
@@ -261,14 +268,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, export: bool = Tru
 def _abstract(state) -> Any:
   return jax.tree_util.tree_map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
-
-
-def _merged_flat(*flats: Flat) -> Flat:
-  out: Flat = {}
-  for flat in flats:
-    for part, leaves in flat.items():
-      out.setdefault(part, {}).update(leaves)
-  return out
 
 
 def _next_batch(iterator, tokenizers, config, mesh) -> dict[str, jax.Array]:

@@ -175,6 +175,7 @@ def _command(workdir, init_from, steps=6, extra=()):
           f"--config.init_from={init_from}", f"--config.train.steps={steps}",
           "--config.train.batch_size=4", "--config.train.log_every=1",
           "--config.train.checkpoint_every=3", "--config.train.async_checkpoints=false",
+          "--config.train.sample_every=0",  # sampling has its own tests (test_samples)
           f"--workdir={workdir}", *extra]
 
 
