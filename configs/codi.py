@@ -5,8 +5,8 @@ Presets live in one table (`PRESETS`); `full` is the released CoDi (CODI_REFEREN
 `tiny` the CPU size used by tests and the demo. Override any field on the command line:
 
   codi-jax inspect --config configs/codi.py:full --params
-  codi-jax demo --config configs/codi.py:tiny --config.sample.ddim_steps=10 --workdir outputs/demo
-  codi-jax demo --config configs/codi.py:tiny --config.model.alignment=self
+  codi-jax train --config configs/codi.py:tiny --config.stage=diffuse_image --workdir runs/image
+  codi-jax train --config.stage=latent_align --config.model.alignment=self --workdir runs/align
 
 `model.alignment`: "self" reproduces the released weights (each output's connectors attend to its
 own environment code); "others" is the paper's design (attend to the other outputs' codes) and
@@ -208,6 +208,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       cond_dropout=0.1,  # guidance dropout of the condition token
       kl_weight=1e-6, optimus_beta=0.5, optimus_free_bits=0.5,
       env_contrastive_weight=0.1, env_contrastive_scale=10.0,
+      # align_encoders also trains the CLIP text tower: for training from scratch; a pretrained
+      # (e.g. released) CLIP keeps its text space frozen as the bridge.
+      align_text_encoder=arg != "full",
       autoencoders="autokl,audioldm_vae,hifigan_vocoder,optimus",
       latent_align_pairs="text_image,audio_text,audio_video",
       log_every=t["log_every"], checkpoint_every=t["checkpoint_every"], keep_checkpoints=3,

@@ -4,7 +4,10 @@ minimises.
   autoencoders     image KL-VAE, audio mel VAE, HiFi-GAN vocoder, Optimus text VAE (each on its own
                    modality; `config.train.autoencoders` picks which)
   align_encoders   "bridging alignment": CLIP vision (image and video) and CLAP are trained
-                   contrastively into the frozen CLIP text space (text is the bridge)
+                   contrastively into the CLIP text space (text is the bridge). The text tower
+                   stays frozen when it is pretrained (`config.train.align_text_encoder=False`,
+                   e.g. the released CLIP); from scratch it trains too, or text tokens would be
+                   a random encoder's and carry little of the caption (the tiny preset)
   diffuse_image    the image diffuser (spatial layers), conditioned on text tokens
   diffuse_video    the image diffuser's temporal layers only, on video, conditioned on text
   diffuse_audio    the audio diffuser, conditioned on text
@@ -128,7 +131,9 @@ def _autoencoders_loss(phase: Phase, models: obj.Models, params, batch, keys, co
 
 
 def _align_loss(phase: Phase, models: obj.Models, params, batch, keys, config):
-  text = jax.lax.stop_gradient(obj.condition_token(models, params, batch, Modality.TEXT))
+  text = obj.condition_token(models, params, batch, Modality.TEXT)
+  if not config.train.align_text_encoder:
+    text = jax.lax.stop_gradient(text)
   scale = jnp.minimum(params["clip"]["logit_scale"], jnp.log(100.0))  # CLIP's clamp
   total, metrics = 0.0, {"logit_scale": jnp.exp(scale)}
   for m in (Modality.IMAGE, Modality.VIDEO, Modality.AUDIO):
@@ -230,9 +235,12 @@ def get_stage(config: ml_collections.ConfigDict) -> Stage:
     return Stage(name, parts, lambda part, path: part in parts, (phase,), _autoencoders_loss,
                  "image VAE, audio VAE, vocoder and Optimus reconstruction")
   if name == "align_encoders":
+    clip_trees = ("vision_model", "visual_projection", "logit_scale") + (
+        ("text_model", "text_projection") if config.train.align_text_encoder else ())
+
     def trainable(part: str, path: Path) -> bool:
       if part == "clip":
-        return path[0] in ("vision_model", "visual_projection", "logit_scale")
+        return path[0] in clip_trees
       return part == "clap" and path[0] == "params"
     phase = Phase("align_encoders", (Modality.TEXT, Modality.IMAGE, Modality.VIDEO,
                                      Modality.AUDIO), _ALL)

@@ -72,6 +72,13 @@ def run_steps(config, mesh, tokenizers, steps, phase=0):
   return losses, state, before, frozen
 
 
+def _picked(stage, config):
+  from codi_jax.train.state import abstract_part
+  return [(part, p) for part in stage.parts
+          for p in map(lambda k: tuple(k.split("/")), abstract_part(config.model, part))
+          if stage.trainable(part, p)]
+
+
 def test_stage_selectors_split_the_model_as_designed():
   config = get_config("tiny")
   from codi_jax.train.state import abstract_part
@@ -87,9 +94,7 @@ def test_stage_selectors_split_the_model_as_designed():
   for name in stages.STAGES:
     config.stage = name
     stage = stages.get_stage(config)
-    picked = [(part, p) for part in stage.parts
-              for p in map(lambda k: tuple(k.split("/")), abstract_part(config.model, part))
-              if stage.trainable(part, p)]
+    picked = _picked(stage, config)
     assert picked, name
     if name.startswith("diffuse_") or name == "latent_align":
       assert all(part == "diffusers" for part, _ in picked)
@@ -102,8 +107,12 @@ def test_stage_selectors_split_the_model_as_designed():
       assert all(stages.is_connector(p) for _, p in picked)
       assert [ph.name for ph in stage.phases] == [
           "latent_align_text_image", "latent_align_audio_text", "latent_align_audio_video"]
-    if name == "align_encoders":
-      assert not any(part == "clip" and p[0].startswith("text") for part, p in picked)
+    if name == "align_encoders":  # tiny trains from scratch: the text tower trains too
+      assert any(part == "clip" and p[0].startswith("text") for part, p in picked)
+      frozen_text = config.copy_and_resolve_references()
+      frozen_text.train.align_text_encoder = False  # a pretrained text tower is the bridge
+      assert not any(part == "clip" and path[0].startswith("text")
+                     for part, path in _picked(stages.get_stage(frozen_text), config))
   config.stage = "nope"
   with pytest.raises(ValueError, match="unknown stage 'nope'"):
     stages.get_stage(config)
