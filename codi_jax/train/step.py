@@ -171,9 +171,11 @@ class Trainer:
       state_sh = self.state_shardings(trainable)
       frozen_sh = {p: {k: v.sharding for k, v in leaves.items()} for p, leaves in frozen.items()}
       fn = self._step_fn(phase, self._update_mask(phase, trainable), null_ids)
+      # keep_unused: frozen leaves a phase never reads (e.g. the other diffusers' branches) stay
+      # in device memory all the same, so the compiled program, and compile-check, count them.
       self._steps[phase_index] = jax.jit(
           fn, in_shardings=(state_sh, frozen_sh, self.batch_sharding),
-          out_shardings=(state_sh, self.replicated), donate_argnums=(0,))
+          out_shardings=(state_sh, self.replicated), donate_argnums=(0,), keep_unused=True)
     return self._steps[phase_index]
 
   def abstract_inputs(self, phase_index: int) -> tuple[TrainState, Flat, dict]:
