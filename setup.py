@@ -47,6 +47,8 @@ setup(
         "torch": ["torch==2.13.0"],
         # torch: the .pth reading tests (conversion, refusing pickled code) run, not skip.
         "test": ["pytest==9.2.0", "torch==2.13.0"],
+        # benchmarks/unet_vs_diffusers.py: diffusers' PyTorch UNet side by side with ours.
+        "bench": ["torch==2.13.0", "diffusers==0.42.1"],
     },
     entry_points={"console_scripts": ["codi-jax=codi_jax.cli:main"]},
 )

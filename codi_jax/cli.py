@@ -11,7 +11,8 @@ import sys
 from absl import app
 
 COMMANDS = {
-    "demo": ("codi_jax.commands.demo", "the main job (today: tiny random-weight joint sampling)"),
+    "demo": ("codi_jax.commands.demo",
+             "the main job: train tiny CoDi stage by stage, then generate and score"),
     "parity": ("codi_jax.commands.parity", "compare with the original CoDi's reference fixtures"),
     "inspect": ("codi_jax.commands.inspect", "parameter counts of a config (no memory used)"),
     "data-throughput": ("codi_jax.commands.data", "examples/s of a stage's input pipeline"),
@@ -20,11 +21,15 @@ COMMANDS = {
     "cache": ("codi_jax.commands.cache", "run frozen encoders once: cached latents + tokens"),
     "generate": ("codi_jax.commands.generate", "any-to-any generation from a model checkpoint"),
     "sample": ("codi_jax.commands.sample", "sharded, resumable sampling over a JSONL manifest"),
+    "eval": ("codi_jax.commands.eval",
+             "the any-to-any benchmark: attribute accuracy, multi-input, joint agreement"),
     "train": ("codi_jax.commands.train", "train one stage (sharded, resumable, preemptible)"),
     "compile-check": ("codi_jax.commands.compile_check",
                       "AOT-compile a stage's train step for a TPU topology: memory, FLOPs, fits"),
     "convert": ("codi_jax.commands.convert", "released PyTorch CoDi weights -> a checkpoint"),
     "export": ("codi_jax.commands.export", "a checkpoint -> safetensors (torch or flax names)"),
+    "bench": ("codi_jax.commands.bench",
+              "performance: train-step or sampling throughput, MFU, memory"),
 }
 
 
