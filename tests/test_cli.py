@@ -1,13 +1,11 @@
 """The `codi-jax` command, run as a user runs it (subprocesses)."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from tests.conftest import REPO
 
@@ -66,41 +64,3 @@ def test_parity_json_and_exit_status(tmp_path, fixtures_dir):
   moved = run("parity", "--fixtures", str(folder), "--only", "optimus", "--tokenizers",
               str(fixtures_dir.parents[1] / "tokenizers"))
   assert "input/bert_token_ids" in moved.stdout and "FAIL" not in moved.stdout
-
-
-DEMO_ARGS = ("--config.sample.ddim_steps=2", "--config.sample.num_samples=1",
-             "--config.sample.outputs=video,text")
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("demo")
-  proc = run("demo", "--workdir", str(workdir), *DEMO_ARGS)
-  return workdir, proc
-
-
-def test_demo_writes_outputs(demo_run):
-  workdir, proc = demo_run
-  result = json.loads((workdir / "result.json").read_text())
-  assert result["outputs"] == ["video", "text"] and result["sampler_traces"] == 1
-  assert (workdir / "video_0.png").stat().st_size > 100
-  assert 'src="text_0.png"' in (workdir / "index.html").read_text()
-  assert "Outputs in" in proc.stdout
-
-
-def test_demo_on_two_processes_matches_one(demo_run, tmp_path):
-  """Two cooperating processes (4 devices each, one global mesh) give the one-process result."""
-  workdir, _ = demo_run
-  multi = tmp_path / "multi"
-  # No persistent cache: both processes must compile alike to reach collectives together.
-  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-  proc = subprocess.run(
-      ["launch/local_processes.sh", "2", "4", sys.executable, "-m", "codi_jax.cli", "demo",
-       "--workdir", str(multi), *DEMO_ARGS], cwd=REPO, capture_output=True, text=True,
-      timeout=900, env=env)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert json.loads((multi / "result.json").read_text())["processes"] == 2
-  one, two = np.load(workdir / "latents.npz"), np.load(multi / "latents.npz")
-  assert set(one.files) == set(two.files) == {"video", "text"}
-  for name in one.files:
-    np.testing.assert_allclose(two[name], one[name], atol=1e-5, rtol=0)
