@@ -37,9 +37,10 @@ EVAL_EXAMPLES = flags.DEFINE_integer("eval_examples", 12,
 DDIM_STEPS = flags.DEFINE_integer("ddim_steps", 15, "DDIM steps of the generated examples.")
 TOKENIZERS = flags.DEFINE_string("tokenizers", None, "Tokenizer folder (default: shared).")
 
-# Steps per stage: sized so the whole demo (compiles included) takes ~15 minutes on 2 CPU cores.
-DEMO_STEPS = {"autoencoders": 150, "align_encoders": 300, "diffuse_image": 1000,
-              "diffuse_video": 100, "diffuse_audio": 400, "diffuse_text": 600,
+# Steps per stage: sized so the whole demo, compiles included, stays within ~20 minutes on 2 CPU
+# cores (benchmarks/RESULTS.md has the measured times and what the model reaches).
+DEMO_STEPS = {"autoencoders": 150, "align_encoders": 300, "diffuse_image": 800,
+              "diffuse_video": 100, "diffuse_audio": 300, "diffuse_text": 600,
               "latent_align": 90}
 
 
