@@ -80,7 +80,7 @@ def run_ours(args, cfg, latent: int, schedule_config) -> dict[str, Any]:
   import jax.numpy as jnp
   import optax
 
-  from codi_jax.bench import cost_flops
+  from codi_jax.train.step import cost_flops
   from codi_jax.diffusion.ddim import DDIMSampler
   from codi_jax.diffusion.losses import epsilon_loss
   from codi_jax.modality import Modality

@@ -42,7 +42,7 @@ from codi_jax.pipeline import PARTS, CoDiPipeline, Program, load_tokenizers
 from codi_jax.sample.job import SHARDED_PARTS, batch_shards
 from codi_jax.train import data as train_data
 from codi_jax.train.state import Flat, flatten, load_params, param_count
-from codi_jax.train.step import Trainer
+from codi_jax.train.step import Trainer, cost_flops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,17 +104,6 @@ def peak_memory() -> tuple[int, str]:
     return int(max(peaks)), "device peak_bytes_in_use (largest of this process's devices)"
   # ru_maxrss is in KiB on Linux.
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS (host)"
-
-
-def cost_flops(stage: Any) -> float | None:
-  """FLOPs of a lowered or compiled program by XLA's cost analysis (None where unsupported)."""
-  try:
-    cost = stage.cost_analysis()
-  except Exception:  # some backends do not implement it
-    return None
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = (cost or {}).get("flops")
-  return float(flops) if flops and flops > 0 else None
 
 
 def time_iterations(step: Callable[[], Any], steps: int, warmup: int, desc: str,

@@ -48,7 +48,7 @@ from codi_jax.train.checkpoints import CheckpointStore
 from codi_jax.train.metric_writers import create_writers
 from codi_jax.train.samples import SampleLogger
 from codi_jax.train.state import load_params, merge, param_count
-from codi_jax.train.step import Trainer
+from codi_jax.train.step import Trainer, cost_flops
 
 MODEL_DIR = "model"
 PyTree = Any
@@ -98,16 +98,6 @@ class _Preemption:
       return self.requested
     flags = multihost_utils.process_allgather(np.asarray(self.requested))
     return bool(np.any(flags))
-
-
-def _flops(compiled) -> float | None:
-  try:
-    cost = compiled.cost_analysis()
-  except Exception:  # some backends do not implement it
-    return None
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = (cost or {}).get("flops")
-  return float(flops) if flops and flops > 0 else None
 
 
 def export_model(directory: pathlib.Path, params: dict[str, PyTree],
@@ -200,7 +190,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, export: bool = Tru
         t0 = time.perf_counter()
         jitted = trainer.jitted_step(phase_index, state.params, frozen, null_ids)
         step_fn = jitted.lower(state, frozen, batch).compile()
-        flops = _flops(step_fn)
+        flops = cost_flops(step_fn)
         compile_s = time.perf_counter() - t0
         logging.info("compiled %s in %.1f s (%s FLOPs/step/device)", phase.name, compile_s,
                      f"{flops:.3g}" if flops else "unknown")

@@ -186,3 +186,14 @@ class Trainer:
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_sharding)
              for k, v in batch.items()}
     return self.abstract_state(trainable), frozen, batch
+
+
+def cost_flops(stage: Any) -> float | None:
+  """FLOPs of a lowered or compiled program by XLA's cost analysis (None where unsupported)."""
+  try:
+    cost = stage.cost_analysis()
+  except Exception:  # some backends do not implement it
+    return None
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = (cost or {}).get("flops")
+  return float(flops) if flops and flops > 0 else None
