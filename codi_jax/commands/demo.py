@@ -2,7 +2,7 @@ r"""codi-jax demo: the main job. Trains tiny CoDi from scratch on the embedded s
 stage by stage, then measures and shows any-to-any generation.
 
   codi-jax demo [--workdir outputs/demo] [--config configs/codi.py:tiny] \
-      [--steps diffuse_image=600,latent_align=300] [--eval_examples 24] [--ddim_steps 20]
+      [--steps diffuse_image=2000,latent_align=300] [--eval_examples 12] [--ddim_steps 15]
 
 1. Trains every stage in CoDi's order (`codi_jax.train.stages.STAGES`: autoencoders, encoder
    alignment, the image, video, audio and text diffusers, latent alignment), each in
@@ -152,6 +152,8 @@ def main(argv: list[str]) -> int:
   seconds = time.perf_counter() - start
   result["training"] = summaries
   atomic_write_json(workdir / "report.json", result)
+  if common.JSON.value:
+    atomic_write_json(common.JSON.value, result)
   atomic_write_text(workdir / "report.md", report_markdown(config, summaries, result, seconds))
   print(evaluate.format_report(result))
   print(f"\ndemo done in {seconds / 60:.1f} min. Outputs in {workdir.resolve()}:")

@@ -11,9 +11,9 @@ Frozen parts always come from 2 or 3 (they never change, so checkpoints do not c
 While it runs: metrics every `log_every` steps to the console (progress bar), TensorBoard and
 `<workdir>/metrics.jsonl` (step time, examples/s, TFLOP/s per device from the compiled step's
 FLOP count); sample media in TensorBoard every `sample_every` steps (`codi_jax.train.samples`);
-checkpoints every `checkpoint_every` steps (async, keep-N). SIGTERM (preemption)
-makes the run save a checkpoint at the step it reached and exit cleanly; SIGKILL at any moment
-loses only the steps since the last checkpoint, and the resumed run repeats them exactly. A
+checkpoints every `checkpoint_every` steps (async, keep-N). SIGTERM (preemption) or a first
+Ctrl-C makes the run save a checkpoint at the step it reached and exit cleanly; SIGKILL at any
+moment loses only the steps since the last checkpoint, and the resumed run repeats them exactly. A
 non-finite loss or gradient stops the run with the window of steps it happened in; the state is
 never updated by such a step, so no checkpoint holds it. At the end the model (every part the stage
 reads, trained parts from the EMA when `export_ema`) is written to `<workdir>/model`, a
@@ -71,26 +71,33 @@ class Summary:
 
 
 class _Preemption:
-  """Remembers a SIGTERM until the loop can checkpoint (restores the old handler on exit)."""
+  """Remembers a SIGTERM, or a first Ctrl-C (SIGINT), until the loop can checkpoint; a second
+  Ctrl-C interrupts at once. The old handlers are restored on exit."""
+
+  _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.requested = False
-    self._old = None
+    self._old: dict[int, Any] = {}
 
   def __enter__(self):
     try:
-      self._old = signal.signal(signal.SIGTERM, self._handle)
+      self._old = {s: signal.signal(s, self._handle) for s in self._SIGNALS}
     except ValueError:  # not the main thread (e.g. a notebook worker): no preemption handling
-      self._old = None
+      self._old = {}
     return self
 
   def _handle(self, signum, frame):
-    logging.warning("SIGTERM received: saving a checkpoint and stopping")
+    if signum == signal.SIGINT and self.requested:
+      raise KeyboardInterrupt
+    name = signal.Signals(signum).name
+    logging.warning("%s received: saving a checkpoint and stopping%s", name,
+                    " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else "")
     self.requested = True
 
   def __exit__(self, *exc):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
+    for s, old in self._old.items():
+      signal.signal(s, old)
 
   def agreed(self) -> bool:
     """Whether any process was asked to stop (every process must stop at the same step)."""

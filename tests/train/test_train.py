@@ -233,20 +233,22 @@ def test_killed_and_preempted_runs_resume_exactly(random_model, tmp_path):
   assert '"resumed_from": "checkpoint 3"' in rerun.stdout
   assert _losses(killed) == reference
 
-  # SIGTERM: a checkpoint at the step reached, a clean exit, no model; then it resumes.
-  term = tmp_path / "term"
-  code, out = _run_until(_command(term, random_model), term, 2, signal.SIGTERM)
-  assert code == 0, out[-3000:]
-  assert "preempted at step" in out
-  store = CheckpointStore(term, async_save=False)
-  stopped = store.latest_valid_step()
-  store.close()
-  assert stopped is not None and 2 <= stopped < 6
-  assert not (term / "model").exists()
-  rerun = subprocess.run(_command(term, random_model), cwd=REPO, capture_output=True, text=True,
-                         timeout=600, env=ONE_DEVICE)
-  assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-  assert _losses(term) == reference
+  # SIGTERM (preemption) or a first Ctrl-C: a checkpoint at the step reached, a clean exit, no
+  # model; then it resumes.
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    term = tmp_path / sig.name
+    code, out = _run_until(_command(term, random_model), term, 2, sig)
+    assert code == 0, out[-3000:]
+    assert "preempted at step" in out and f"{sig.name} received" in out
+    store = CheckpointStore(term, async_save=False)
+    stopped = store.latest_valid_step()
+    store.close()
+    assert stopped is not None and 2 <= stopped < 6
+    assert not (term / "model").exists()
+    rerun = subprocess.run(_command(term, random_model), cwd=REPO, capture_output=True,
+                           text=True, timeout=600, env=ONE_DEVICE)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert _losses(term) == reference
 
   # A corrupt newest checkpoint is skipped with a message; the run redoes the steps after the
   # previous one, exactly.
