@@ -17,7 +17,6 @@ flops_per_item, tflops_per_s_per_device, mfu, memory_peak_bytes, ...
 
 from __future__ import annotations
 
-import os
 import pathlib
 
 import jax
@@ -27,7 +26,6 @@ from codi_jax.commands import common
 from codi_jax.io_utils import atomic_write_json
 
 WHAT = ("train", "sample")
-_DEFAULT_TOKENIZERS = pathlib.Path(__file__).resolve().parents[3] / "shared" / "tokenizers"
 
 STEPS = flags.DEFINE_integer("steps", None,
                              "Timed iterations: train steps, or sampling batches (default 10 / 3).",
@@ -81,8 +79,7 @@ def main(argv: list[str]) -> int:
       result = bench.bench_train(config, steps=STEPS.value or 10, warmup=_warmup(2),
                                  init=INIT.value, peak=PEAK_TFLOPS.value, progress=progress)
     else:
-      tokenizers = TOKENIZERS.value or os.environ.get("CODI_TOKENIZERS",
-                                                      str(_DEFAULT_TOKENIZERS))
+      tokenizers = common.tokenizers_dir(TOKENIZERS.value)
       result = bench.bench_sample(config, OUTPUTS.value, tokenizers=tokenizers,
                                   ddim_steps=DDIM_STEPS.value, batch=BATCH.value,
                                   ckpt=CKPT.value, steps=STEPS.value or 3, warmup=_warmup(1),

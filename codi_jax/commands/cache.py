@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import pathlib
 
 import jax
@@ -34,7 +33,6 @@ from codi_jax.commands import common
 from codi_jax.data import cache, records, synthetic
 from codi_jax.io_utils import atomic_write_json
 
-_DEFAULT_TOKENIZERS = pathlib.Path(__file__).resolve().parents[3] / "shared" / "tokenizers"
 
 SPLIT = flags.DEFINE_enum("split", "train", list(synthetic.SPLITS),
                           "Synthetic split (--source synthetic).")
@@ -95,7 +93,7 @@ def main(argv: list[str]) -> int:
   try:
     source, describe = _source(config, run)
     tokenizers = cache.load_tokenizers(
-        TOKENIZERS.value or os.environ.get("CODI_TOKENIZERS", _DEFAULT_TOKENIZERS))
+        common.tokenizers_dir(TOKENIZERS.value))
   except (FileNotFoundError, ValueError) as e:
     raise SystemExit(f"codi-jax cache: {e}") from None
   params, weights = _encoder_params(run.model, seed)

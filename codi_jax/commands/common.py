@@ -7,12 +7,14 @@ subprocesses, as users do.
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 from absl import flags
 from ml_collections import config_flags
 
 CONFIG_FILE = pathlib.Path(__file__).resolve().parents[2] / "configs" / "codi.py"
+DEFAULT_TOKENIZERS = pathlib.Path(__file__).resolve().parents[3] / "shared" / "tokenizers"
 
 CONFIG = config_flags.DEFINE_config_file(
     "config", f"{CONFIG_FILE}:tiny",
@@ -30,3 +32,9 @@ PROCESS_INDEX = flags.DEFINE_integer("process_index", None,
                                      "This process's index (default: jax.process_index()).")
 PROCESS_COUNT = flags.DEFINE_integer("process_count", None,
                                      "Number of processes (default: jax.process_count()).")
+
+
+def tokenizers_dir(flag_value: str | None) -> str:
+  """The tokenizer folder a command reads: its --tokenizers, else $CODI_TOKENIZERS, else the
+  repository's ../shared/tokenizers."""
+  return flag_value or os.environ.get("CODI_TOKENIZERS") or str(DEFAULT_TOKENIZERS)

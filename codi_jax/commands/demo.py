@@ -35,7 +35,8 @@ STEPS = flags.DEFINE_list("steps", [], "Per-stage step counts overriding the dem
 EVAL_EXAMPLES = flags.DEFINE_integer("eval_examples", 12,
                                      "Held-out examples per input -> output pair in the report.")
 DDIM_STEPS = flags.DEFINE_integer("ddim_steps", 15, "DDIM steps of the generated examples.")
-TOKENIZERS = flags.DEFINE_string("tokenizers", None, "Tokenizer folder (default: shared).")
+TOKENIZERS = flags.DEFINE_string(
+    "tokenizers", None, "Tokenizer folder (default: $CODI_TOKENIZERS or ../shared/tokenizers).")
 
 # Steps per stage: sized so the whole demo, compiles included, stays within ~20 minutes on 2 CPU
 # cores (benchmarks/RESULTS.md has the measured times and what the model reaches).
@@ -134,7 +135,6 @@ def main(argv: list[str]) -> int:
   del argv
   from codi_jax import evaluate
   from codi_jax.pipeline import CoDiPipeline
-  from codi_jax.train.data import DEFAULT_TOKENIZERS
 
   logging.set_verbosity(logging.WARNING)
   py_logging.getLogger("absl").setLevel(py_logging.WARNING)
@@ -145,7 +145,7 @@ def main(argv: list[str]) -> int:
   summaries = train_stages(config, workdir, steps)
   model_dir = merge_models(workdir)
   print(f"model: {model_dir}")
-  pipeline = CoDiPipeline.from_checkpoint(model_dir, TOKENIZERS.value or DEFAULT_TOKENIZERS)
+  pipeline = CoDiPipeline.from_checkpoint(model_dir, common.tokenizers_dir(TOKENIZERS.value))
   result = evaluate.evaluate(pipeline, num_examples=EVAL_EXAMPLES.value,
                              ddim_steps=DDIM_STEPS.value, seed=config.seed,
                              gallery=workdir / "gallery")

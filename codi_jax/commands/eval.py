@@ -14,7 +14,6 @@ non-zero only when the evaluation itself fails.
 
 from __future__ import annotations
 
-import os
 import pathlib
 
 from absl import flags
@@ -25,7 +24,6 @@ from codi_jax.data import synthetic
 from codi_jax.io_utils import atomic_write_json
 from codi_jax.pipeline import CoDiPipeline
 
-_DEFAULT_TOKENIZERS = pathlib.Path(__file__).resolve().parents[3] / "shared" / "tokenizers"
 
 CKPT = flags.DEFINE_string("ckpt", None, "Model checkpoint folder (`codi_jax.checkpoint`).")
 OUT = flags.DEFINE_string("out", None, "Also write a gallery (index.html + media) here.")
@@ -44,7 +42,7 @@ TOKENIZERS = flags.DEFINE_string("tokenizers", None,
 def run() -> dict:
   if not CKPT.value:
     raise ValueError("--ckpt is required")
-  tokenizers = TOKENIZERS.value or os.environ.get("CODI_TOKENIZERS", str(_DEFAULT_TOKENIZERS))
+  tokenizers = common.tokenizers_dir(TOKENIZERS.value)
   pipe = CoDiPipeline.from_checkpoint(CKPT.value, tokenizers)
   seed = pipe.config.seed if common.SEED.value is None else common.SEED.value
   result = evaluate.evaluate(

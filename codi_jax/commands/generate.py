@@ -11,7 +11,6 @@ PNG / 16 kHz WAV / MP4 / TXT per output sample, `result.json` (every setting and
 
 from __future__ import annotations
 
-import os
 import pathlib
 
 from absl import flags
@@ -23,7 +22,6 @@ from codi_jax.outputs import write_outputs
 from codi_jax.pipeline import CoDiPipeline
 from codi_jax.sample.manifest import read_input_file
 
-_DEFAULT_TOKENIZERS = pathlib.Path(__file__).resolve().parents[3] / "shared" / "tokenizers"
 
 CKPT = flags.DEFINE_string("ckpt", None, "Model checkpoint folder (`codi_jax.checkpoint`).")
 TEXT = flags.DEFINE_string("text", None, "Text prompt.")
@@ -99,7 +97,7 @@ def run() -> pathlib.Path:
     raise ValueError("--outputs is required, e.g. --outputs image,audio")
   outputs = [Modality.parse(m.strip()) for m in OUTPUTS.value]
   weights = parse_weights(WEIGHTS.value)
-  tokenizers = TOKENIZERS.value or os.environ.get("CODI_TOKENIZERS", str(_DEFAULT_TOKENIZERS))
+  tokenizers = common.tokenizers_dir(TOKENIZERS.value)
   num_frames = NUM_FRAMES.value or checkpoint.load_config(CKPT.value).sample.num_frames
   inputs, files = read_inputs(num_frames)  # bad inputs fail before the model loads
   pipe = CoDiPipeline.from_checkpoint(CKPT.value, tokenizers)

@@ -15,7 +15,6 @@ checkpoint config's `sample` section (seed: --seed or the config's; one sample p
 
 from __future__ import annotations
 
-import os
 import pathlib
 
 import jax
@@ -27,7 +26,6 @@ from codi_jax.parallel.mesh import create_mesh
 from codi_jax.sample.job import SamplingJob, load_pipeline
 from codi_jax.sample.manifest import default_options, read_manifest
 
-_DEFAULT_TOKENIZERS = pathlib.Path(__file__).resolve().parents[3] / "shared" / "tokenizers"
 
 CKPT = flags.DEFINE_string("ckpt", None, "Model checkpoint folder (`codi_jax.checkpoint`).")
 MANIFEST = flags.DEFINE_string("manifest", None, "JSONL file, one request per line.")
@@ -65,7 +63,7 @@ def run() -> dict:
   ici = parse_mesh(MESH.value) if MESH.value else dict(config.mesh.ici)
   mesh = create_mesh(ici, dict(config.mesh.dcn))
   rules = tuple(tuple(r) for r in config.sharding_rules)
-  tokenizers = TOKENIZERS.value or os.environ.get("CODI_TOKENIZERS", str(_DEFAULT_TOKENIZERS))
+  tokenizers = common.tokenizers_dir(TOKENIZERS.value)
   pipe = load_pipeline(CKPT.value, tokenizers, mesh, rules)
   items, failures = read_manifest(MANIFEST.value, pipe.plan,
                                   default_options(pipe.config, common.SEED.value))

@@ -27,14 +27,6 @@ from codi_jax.train.step import Trainer
 from configs.codi import get_config
 
 
-@pytest.fixture(scope="module")
-def random_model(tmp_path_factory) -> pathlib.Path:
-  path = tmp_path_factory.mktemp("init") / "model"
-  config = get_config("tiny")
-  checkpoint.save_model(path, checkpoint.random_model_params(config, 0), config)
-  return path
-
-
 def tiny(stage: str, init_from: pathlib.Path, **train):
   config = get_config("tiny")
   config.stage = stage

@@ -28,14 +28,6 @@ from configs.codi import get_config
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def random_model(tmp_path_factory) -> pathlib.Path:
-  path = tmp_path_factory.mktemp("init") / "model"
-  config = get_config("tiny")
-  checkpoint.save_model(path, checkpoint.random_model_params(config, 0), config)
-  return path
-
-
 def tiny(stage: str, init_from: pathlib.Path, **train):
   config = get_config("tiny")
   config.stage = stage
