@@ -1,4 +1,5 @@
-"""Test setup: 8 simulated CPU devices (set before JAX starts) and shared fixture paths."""
+"""Test setup: 8 simulated CPU devices (set before JAX starts) and the reference fixtures
+(`tests/fixtures/codi_reference`, or the folder $CODI_FIXTURES names)."""
 
 import os
 import pathlib
@@ -19,7 +20,7 @@ from codi_jax.parity.fixtures import load_fixture  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = pathlib.Path(os.environ.get("CODI_FIXTURES",
-                                       REPO.parent / "shared" / "fixtures" / "codi_reference"))
+                                       REPO / "tests" / "fixtures" / "codi_reference"))
 
 
 @pytest.fixture(scope="session")

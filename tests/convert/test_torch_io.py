@@ -19,9 +19,8 @@ from codi_jax.models.autoencoder import autoencoder_config_from_original
 from codi_jax.models.vocoder import vocoder_config_from_original
 from codi_jax.parity.fixtures import load_fixture
 from configs.codi import get_config
+from tests.conftest import FIXTURES, REPO
 
-FIXTURES = pathlib.Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "codi_reference"
-REPO = pathlib.Path(__file__).resolve().parents[2]
 # The parts the fixtures hold; the others are absent from the test files.
 ABSENT = ("audioldm.encoder.", "audioldm.decoder.", "audioldm.quant_conv.",
           "audioldm.post_quant_conv.", "optimus.", "clip.model.", "clap.model.")
