@@ -9,6 +9,8 @@ setup(
                 "diffusion, trainable and sharded from one CPU to TPU pods.",
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["codi_jax", "codi_jax.*", "configs"]),
+    # The tokenizer vocabularies and their licences (`codi_jax.text.vocab_dir`).
+    package_data={"codi_jax.text": ["vocab/*"]},
     install_requires=[
         "jax==0.10.2",
         "jaxlib==0.10.2",

@@ -261,7 +261,7 @@ def _prompts(seed: int, count: int) -> list[str]:
 
 
 def bench_sample(config: ml_collections.ConfigDict, outputs: Sequence[Modality | str], *,
-                 tokenizers: str, ddim_steps: int | None = None, batch: int | None = None,
+                 tokenizers: str | None, ddim_steps: int | None = None, batch: int | None = None,
                  ckpt: str | None = None, steps: int = 3, warmup: int = 1,
                  peak: float | None = None, progress: bool = True) -> dict[str, Any]:
   """Times the compiled joint sampling program for `outputs` on batches of `batch` items (one

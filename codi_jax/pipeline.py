@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import pathlib
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -39,7 +38,7 @@ from codi_jax.modality import Alignment, Modality
 from codi_jax.models import autoencoder, optimus, optimus_decode, vocoder
 from codi_jax.models.clip import FrozenCLIP
 from codi_jax.models.codi import CoDiUNet, codi_config_from_dict
-from codi_jax.text import CLIPTokenizer, GPT2Tokenizer
+from codi_jax.text import CLIPTokenizer, GPT2Tokenizer, vocab_dir
 from codi_jax.text.bpe import clean_generated
 
 PyTree = Any
@@ -56,9 +55,10 @@ class Tokenizers(NamedTuple):
   gpt2: GPT2Tokenizer  # Optimus decoder ids -> generated text
 
 
-def load_tokenizers(directory: str | os.PathLike) -> Tokenizers:
-  """The CLIP BPE and GPT-2 vocabularies from one folder (as `shared/tokenizers`)."""
-  directory = pathlib.Path(directory)
+def load_tokenizers(directory: str | os.PathLike | None = None) -> Tokenizers:
+  """The CLIP BPE and GPT-2 vocabularies from one folder (`vocab_dir`: `directory`,
+  $CODI_TOKENIZERS or the bundled ones)."""
+  directory = vocab_dir(directory)
   if not directory.is_dir():
     raise FileNotFoundError(f"tokenizer folder {directory} does not exist")
   return Tokenizers(CLIPTokenizer.from_file(directory / "clip_bpe_simple_vocab_16e6.txt.gz"),
@@ -218,9 +218,10 @@ class CoDiPipeline:
     self._programs: dict[Program, Callable] = {}
 
   @classmethod
-  def from_checkpoint(cls, directory: str | os.PathLike, tokenizers_dir: str | os.PathLike
-                      ) -> CoDiPipeline:
-    """A pipeline from a model checkpoint folder (`codi_jax.checkpoint`) and a tokenizer folder."""
+  def from_checkpoint(cls, directory: str | os.PathLike,
+                      tokenizers_dir: str | os.PathLike | None = None) -> CoDiPipeline:
+    """A pipeline from a model checkpoint folder (`codi_jax.checkpoint`) and a tokenizer folder
+    (`load_tokenizers`)."""
     config, params = checkpoint.load_model(directory, PARTS)
     return cls(config, params, load_tokenizers(tokenizers_dir))
 

@@ -224,7 +224,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       tfds_dir="",  # a prepared tfds dataset folder for `tfds`
       image_size=t["image_size"], num_frames=p["num_frames"], audio_samples=t["audio_samples"],
       bert_length=t["bert_length"], gpt2_length=t["gpt2_length"],
-      tokenizers="",  # folder with the CLIP/BERT/GPT-2 vocabularies (default: shared/tokenizers)
+      tokenizers="",  # CLIP/BERT/GPT-2 vocabulary folder (default: $CODI_TOKENIZERS, else bundled)
       num_workers=0))
 
   # Mesh sizes per slice (ici) and across slices (dcn); -1 takes the remaining devices.

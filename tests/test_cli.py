@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 
+from codi_jax.text import vocab_dir
 from tests.conftest import REPO
 
 
@@ -59,8 +60,11 @@ def test_parity_json_and_exit_status(tmp_path, fixtures_dir):
   bad = run("parity", "--fixtures", str(folder), check=False)
   assert bad.returncode == 1 and "no parity handler" in bad.stdout
 
-  # Fixtures copied elsewhere find the vocabularies through --tokenizers.
+  # --tokenizers replaces the bundled vocabularies: a copy of them passes, an empty folder fails.
   shutil.copy(fixtures_dir / "optimus.npz", folder)
-  moved = run("parity", "--fixtures", str(folder), "--only", "optimus", "--tokenizers",
-              str(fixtures_dir.parents[1] / "tokenizers"))
+  vocab = shutil.copytree(vocab_dir(), tmp_path / "vocab")
+  moved = run("parity", "--fixtures", str(folder), "--only", "optimus", "--tokenizers", str(vocab))
   assert "input/bert_token_ids" in moved.stdout and "FAIL" not in moved.stdout
+  empty = run("parity", "--fixtures", str(folder), "--only", "optimus", "--tokenizers",
+              str(tmp_path), check=False)
+  assert empty.returncode != 0 and "bert-base-cased-vocab.txt" in empty.stdout + empty.stderr

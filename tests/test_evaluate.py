@@ -19,7 +19,6 @@ from codi_jax.train import data as train_data
 from configs.codi import get_config
 from tests.conftest import REPO
 
-TOKENIZERS = REPO.parent / "shared" / "tokenizers"
 T, I, V, A = Modality.TEXT, Modality.IMAGE, Modality.VIDEO, Modality.AUDIO
 EXAMPLES = 4
 
@@ -186,7 +185,7 @@ def test_pipeline_generator_batches_like_generate(tmp_path):
   """Three requests in batches of two (one padded row) give what `generate` gives each alone."""
   config = _small_config()
   pipe = CoDiPipeline(config, checkpoint.random_model_params(config, 0),
-                      load_tokenizers(TOKENIZERS))
+                      load_tokenizers())
   generate = ev.PipelineGenerator(pipe, ddim_steps=2, guidance_scale=5.0, batch_size=2,
                                   progress=False)
   examples = ev.load_examples(config, "test", 3)

@@ -17,7 +17,6 @@ from codi_jax.pipeline import CoDiPipeline, Generated, load_tokenizers
 from configs.codi import get_config
 from tests.conftest import REPO
 
-TOKENIZERS = REPO.parent / "shared" / "tokenizers"
 STEPS = 2
 
 
@@ -29,7 +28,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def pipe(model):
-  return CoDiPipeline(*model, load_tokenizers(TOKENIZERS))
+  return CoDiPipeline(*model, load_tokenizers())
 
 
 def _image(seed=0, shape=(40, 48, 3)):
@@ -46,8 +45,8 @@ def test_joint_generation_shapes_and_seeds(pipe):
   kw = dict(ddim_steps=STEPS, num_samples=2, audio_seconds=0.5)
   outputs = ["image", "video", "audio", "text"]
   g = pipe.generate(inputs, outputs, seed=3, **kw)
-  assert g.image.dtype == np.uint8 and g.image.shape == (2, 64, 64, 3)
-  assert g.video.dtype == np.uint8 and g.video.shape == (2, 4, 64, 64, 3)
+  assert g.image.dtype == np.uint8 and g.image.shape == (2, 32, 32, 3)
+  assert g.video.dtype == np.uint8 and g.video.shape == (2, 4, 32, 32, 3)
   assert g.audio.dtype == np.float32 and g.audio.shape == (2, 8000)  # trimmed to 0.5 s
   assert np.all(np.abs(g.audio) <= 1) and g.audio.std() > 0
   assert len(g.text) == 2 and all(isinstance(t, str) and t for t in g.text)
@@ -102,7 +101,7 @@ def test_pipeline_needs_every_part(model):
   config, params = model
   partial = {k: v for k, v in params.items() if k != "clap"}
   with pytest.raises(ValueError, match=r"needs parameters for \['clap'\]"):
-    CoDiPipeline(config, partial, load_tokenizers(TOKENIZERS))
+    CoDiPipeline(config, partial, load_tokenizers())
 
 
 def test_failed_write_leaves_nothing(pipe, tmp_path):
@@ -143,7 +142,7 @@ def test_cli_end_to_end(media_dir, tmp_path):
               str(media_dir / "in.png"), "--audio", str(media_dir / "in.wav"), "--video",
               str(media_dir / "in.mp4"), "--outputs", "image,video,audio,text", "--out", str(out),
               "--weights", "text=2,image=1,audio=1,video=1", "--ddim_steps", str(STEPS),
-              "--seed", "5", "--audio_seconds", "0.4", "--tokenizers", str(TOKENIZERS))
+              "--seed", "5", "--audio_seconds", "0.4")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "mixed to mono and resampled to 16000 Hz" in proc.stdout
   result = json.loads((out / "result.json").read_text())
@@ -154,8 +153,8 @@ def test_cli_end_to_end(media_dir, tmp_path):
                               "audio": "inputs/audio.wav", "video": "inputs/video.mp4"}
   assert result["output_files"] == {"image": ["image_0.png"], "video": ["video_0.mp4"],
                                     "audio": ["audio_0.wav"], "text": ["text_0.txt"]}
-  assert media.decode_image((out / "image_0.png").read_bytes()).shape == (64, 64, 3)
-  assert media.decode_video((out / "video_0.mp4").read_bytes()).shape == (4, 64, 64, 3)
+  assert media.decode_image((out / "image_0.png").read_bytes()).shape == (32, 32, 3)
+  assert media.decode_video((out / "video_0.mp4").read_bytes()).shape == (4, 32, 32, 3)
   wave, rate = media.read_audio((out / "audio_0.wav").read_bytes())
   assert (rate, wave.shape) == (16000, (6400,))
   page = (out / "index.html").read_text()
@@ -177,7 +176,7 @@ def test_cli_errors_leave_no_output(media_dir, tmp_path, args, match):
   out = tmp_path / "gen"
   args = [a.format(dir=media_dir) for a in args]
   proc = _cli("--ckpt", str(media_dir / "ckpt"), *args, "--outputs", "image", "--out", str(out),
-              "--ddim_steps", "1", "--tokenizers", str(TOKENIZERS))
+              "--ddim_steps", "1")
   assert proc.returncode != 0
   assert "codi-jax generate: error:" in proc.stderr
   assert re.search(match, proc.stderr, re.IGNORECASE), proc.stderr[-2000:]

@@ -49,9 +49,7 @@ BATCH = flags.DEFINE_integer("batch", None,
 CKPT = flags.DEFINE_string("ckpt", None,
                            "sample: model checkpoint (its config replaces --config); default "
                            "random weights.")
-TOKENIZERS = flags.DEFINE_string("tokenizers", None,
-                                 "sample: folder with the CLIP BPE and GPT-2 vocabularies "
-                                 "(default: $CODI_TOKENIZERS or ../shared/tokenizers).")
+TOKENIZERS = flags.DEFINE_string("tokenizers", None, f"sample: {common.TOKENIZERS_HELP}")
 QUIET = flags.DEFINE_bool("quiet", False, "No progress bar.")
 
 USAGE = "usage: codi-jax bench train|sample [flags]   (codi-jax bench --help for the flags)"
@@ -79,8 +77,7 @@ def main(argv: list[str]) -> int:
       result = bench.bench_train(config, steps=STEPS.value or 10, warmup=_warmup(2),
                                  init=INIT.value, peak=PEAK_TFLOPS.value, progress=progress)
     else:
-      tokenizers = common.tokenizers_dir(TOKENIZERS.value)
-      result = bench.bench_sample(config, OUTPUTS.value, tokenizers=tokenizers,
+      result = bench.bench_sample(config, OUTPUTS.value, tokenizers=TOKENIZERS.value,
                                   ddim_steps=DDIM_STEPS.value, batch=BATCH.value,
                                   ckpt=CKPT.value, steps=STEPS.value or 3, warmup=_warmup(1),
                                   peak=PEAK_TFLOPS.value, progress=progress)

@@ -17,7 +17,7 @@ Encoder weights: the image/audio VAEs, Optimus, CLIP and CLAP parts of the check
 (`codi-jax convert` output; `checkpoint.load_model` + `cache.load_encoder_params`, checked against
 --config). Without --ckpt they are random (seed --seed) and a warning says the cache is for
 testing only. Tokenizer vocabularies come from --tokenizers (default $CODI_TOKENIZERS, else
-`shared/tokenizers` beside the checkout).
+the ones bundled with codi-jax).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ LATENT = flags.DEFINE_enum_class("latent", cache.LatentMode.MODE, cache.LatentMo
                                  "VAE latents: the posterior mode or one sample per example.")
 STORE_DTYPE = flags.DEFINE_enum_class("store_dtype", cache.StoreDtype.FLOAT32, cache.StoreDtype,
                                       "Storage dtype of latents and tokens (computed in fp32).")
-TOKENIZERS = flags.DEFINE_string("tokenizers", None, "Folder with the CLIP and BERT vocabularies.")
+TOKENIZERS = flags.DEFINE_string("tokenizers", None, common.TOKENIZERS_HELP)
 CKPT = flags.DEFINE_string("ckpt", None, "Checkpoint directory holding the encoder parts "
                            f"({', '.join(cache.ENCODERS)}); default: random weights, for testing "
                            "only.")
@@ -92,8 +92,7 @@ def main(argv: list[str]) -> int:
                                    seed=seed)
   try:
     source, describe = _source(config, run)
-    tokenizers = cache.load_tokenizers(
-        common.tokenizers_dir(TOKENIZERS.value))
+    tokenizers = cache.load_tokenizers(TOKENIZERS.value)
   except (FileNotFoundError, ValueError) as e:
     raise SystemExit(f"codi-jax cache: {e}") from None
   params, weights = _encoder_params(run.model, seed)

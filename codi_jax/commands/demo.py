@@ -35,8 +35,7 @@ STEPS = flags.DEFINE_list("steps", [], "Per-stage step counts overriding the dem
 EVAL_EXAMPLES = flags.DEFINE_integer("eval_examples", 12,
                                      "Held-out examples per input -> output pair in the report.")
 DDIM_STEPS = flags.DEFINE_integer("ddim_steps", 15, "DDIM steps of the generated examples.")
-TOKENIZERS = flags.DEFINE_string(
-    "tokenizers", None, "Tokenizer folder (default: $CODI_TOKENIZERS or ../shared/tokenizers).")
+TOKENIZERS = flags.DEFINE_string("tokenizers", None, common.TOKENIZERS_HELP)
 
 # Steps per stage: sized so the whole demo, compiles included, stays within ~20 minutes on 2 CPU
 # cores (benchmarks/RESULTS.md has the measured times and what the model reaches).
@@ -141,11 +140,13 @@ def main(argv: list[str]) -> int:
   config = common.CONFIG.value
   workdir = pathlib.Path(WORKDIR.value)
   steps = stage_steps(STEPS.value)
+  if TOKENIZERS.value:  # the stages' training and the benchmark read the same vocabularies
+    config.data.tokenizers = TOKENIZERS.value
   start = time.perf_counter()
   summaries = train_stages(config, workdir, steps)
   model_dir = merge_models(workdir)
   print(f"model: {model_dir}")
-  pipeline = CoDiPipeline.from_checkpoint(model_dir, common.tokenizers_dir(TOKENIZERS.value))
+  pipeline = CoDiPipeline.from_checkpoint(model_dir, config.data.tokenizers)
   result = evaluate.evaluate(pipeline, num_examples=EVAL_EXAMPLES.value,
                              ddim_steps=DDIM_STEPS.value, seed=config.seed,
                              gallery=workdir / "gallery")

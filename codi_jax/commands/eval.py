@@ -34,16 +34,13 @@ SPLIT = flags.DEFINE_enum("split", "test", list(synthetic.SPLITS), "Synthetic da
 BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Requests per compiled program call.")
 GALLERY_EXAMPLES = flags.DEFINE_integer("gallery_examples", 2,
                                         "Examples shown in the --out gallery.")
-TOKENIZERS = flags.DEFINE_string("tokenizers", None,
-                                 "Folder with the CLIP BPE and GPT-2 vocabularies (default: "
-                                 "$CODI_TOKENIZERS or ../shared/tokenizers).")
+TOKENIZERS = flags.DEFINE_string("tokenizers", None, common.TOKENIZERS_HELP)
 
 
 def run() -> dict:
   if not CKPT.value:
     raise ValueError("--ckpt is required")
-  tokenizers = common.tokenizers_dir(TOKENIZERS.value)
-  pipe = CoDiPipeline.from_checkpoint(CKPT.value, tokenizers)
+  pipe = CoDiPipeline.from_checkpoint(CKPT.value, TOKENIZERS.value)
   seed = pipe.config.seed if common.SEED.value is None else common.SEED.value
   result = evaluate.evaluate(
       pipe, num_examples=NUM_EXAMPLES.value, ddim_steps=STEPS.value,

@@ -45,9 +45,7 @@ AUDIO_SECONDS = flags.DEFINE_float("audio_seconds", None,
                                    "Output audio length in seconds (default: the config's).")
 ALIGNMENT = flags.DEFINE_enum("alignment", None, [a.value for a in Alignment],
                               "Latent alignment of joint outputs (default: the checkpoint's).")
-TOKENIZERS = flags.DEFINE_string("tokenizers", None,
-                                 "Folder with the CLIP BPE and GPT-2 vocabularies (default: "
-                                 "$CODI_TOKENIZERS or ../shared/tokenizers).")
+TOKENIZERS = flags.DEFINE_string("tokenizers", None, common.TOKENIZERS_HELP)
 
 
 def parse_weights(entries: list[str] | None) -> dict[Modality, float] | None:
@@ -97,10 +95,9 @@ def run() -> pathlib.Path:
     raise ValueError("--outputs is required, e.g. --outputs image,audio")
   outputs = [Modality.parse(m.strip()) for m in OUTPUTS.value]
   weights = parse_weights(WEIGHTS.value)
-  tokenizers = common.tokenizers_dir(TOKENIZERS.value)
   num_frames = NUM_FRAMES.value or checkpoint.load_config(CKPT.value).sample.num_frames
   inputs, files = read_inputs(num_frames)  # bad inputs fail before the model loads
-  pipe = CoDiPipeline.from_checkpoint(CKPT.value, tokenizers)
+  pipe = CoDiPipeline.from_checkpoint(CKPT.value, TOKENIZERS.value)
   seed = pipe.config.seed if common.SEED.value is None else common.SEED.value
   generated = pipe.generate(
       inputs, outputs, weights=weights, guidance_scale=GUIDANCE.value, ddim_steps=STEPS.value,

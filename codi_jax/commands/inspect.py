@@ -1,7 +1,7 @@
 """codi-jax inspect: parameter counts of a configuration, without allocating parameters.
 
   codi-jax inspect --config configs/codi.py:full --params [--json counts.json]
-      [--manifest ../shared/fixtures/codi_reference/manifest_full.json]
+      [--manifest tests/fixtures/codi_reference/manifest_full.json]
 
 Counts come from `jax.eval_shape` of the real initialiser. The JSON has the structure of the
 original's `manifest_full.json` (`total_parameters`, `parameter_counts_per_component`,

@@ -1,13 +1,14 @@
 """codi-jax parity: compare our modules with the original CoDi's reference fixtures.
 
-  codi-jax parity --fixtures ../shared/fixtures/codi_reference [--only unet_codi,ddim_sampler]
-      [--json parity.json] [--tokenizers ../shared/tokenizers]
+  codi-jax parity --fixtures tests/fixtures/codi_reference [--only unet_codi,ddim_sampler]
+      [--json parity.json] [--tokenizers DIR]
 
 Every `.npz` fixture in the folder (or those named by --only) is rebuilt from its own config,
 loaded through the key map and run; one row per stored output is printed. Exit status 0 only if
 every output of every selected file passes; a file or output that cannot be handled fails.
-The CLIP/Optimus fixtures also check our tokenizers on the real vocabularies, found in
---tokenizers (default: $CODI_TOKENIZERS, else `tokenizers/` beside the fixture set's folder).
+`tests/fixtures/codi_reference` in a checkout of the repository is the development set (the
+fixtures are not installed with the package). The CLIP/Optimus fixtures also check our tokenizers
+on the real vocabularies: --tokenizers, else $CODI_TOKENIZERS, else the bundled ones.
 """
 
 from __future__ import annotations
@@ -24,8 +25,7 @@ from codi_jax.io_utils import atomic_write_json
 
 FIXTURES = flags.DEFINE_string("fixtures", None, "Folder of reference fixture .npz files.")
 ONLY = flags.DEFINE_list("only", None, "Only these fixtures (names with or without .npz).")
-TOKENIZERS = flags.DEFINE_string("tokenizers", None,
-                                 "Folder with the real tokenizer vocabularies (CLIP, BERT, GPT-2).")
+TOKENIZERS = flags.DEFINE_string("tokenizers", None, common.TOKENIZERS_HELP)
 
 
 def _print_file(name: str, rows: dict[str, parity.Row]) -> None:

@@ -35,9 +35,7 @@ PER_DEVICE_BATCH = flags.DEFINE_integer("per_device_batch", 1,
 MESH = flags.DEFINE_list("mesh", None,
                          "Mesh sizes within a slice, e.g. data=-1,fsdp=2 (default: the config's "
                          "mesh.ici); fsdp > 1 shards the parameters.")
-TOKENIZERS = flags.DEFINE_string("tokenizers", None,
-                                 "Folder with the CLIP BPE and GPT-2 vocabularies (default: "
-                                 "$CODI_TOKENIZERS or ../shared/tokenizers).")
+TOKENIZERS = flags.DEFINE_string("tokenizers", None, common.TOKENIZERS_HELP)
 QUIET = flags.DEFINE_bool("quiet", False, "No progress bar.")
 
 
@@ -63,8 +61,7 @@ def run() -> dict:
   ici = parse_mesh(MESH.value) if MESH.value else dict(config.mesh.ici)
   mesh = create_mesh(ici, dict(config.mesh.dcn))
   rules = tuple(tuple(r) for r in config.sharding_rules)
-  tokenizers = common.tokenizers_dir(TOKENIZERS.value)
-  pipe = load_pipeline(CKPT.value, tokenizers, mesh, rules)
+  pipe = load_pipeline(CKPT.value, TOKENIZERS.value, mesh, rules)
   items, failures = read_manifest(MANIFEST.value, pipe.plan,
                                   default_options(pipe.config, common.SEED.value))
   job = SamplingJob(pipe, mesh, rules, OUT.value, per_device_batch=PER_DEVICE_BATCH.value,

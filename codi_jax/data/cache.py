@@ -56,7 +56,7 @@ from codi_jax.modality import Modality
 from codi_jax.models import autoencoder, optimus
 from codi_jax.models.clap import clap_encode_audio
 from codi_jax.models.clip import FrozenCLIP
-from codi_jax.text import BertTokenizer, CLIPTokenizer
+from codi_jax.text import BertTokenizer, CLIPTokenizer, vocab_dir
 from codi_jax.text.wordpiece import MAX_LENGTH as BERT_MAX_TOKENS
 
 PyTree = Any
@@ -154,9 +154,10 @@ class Tokenizers(NamedTuple):
   bert: BertTokenizer
 
 
-def load_tokenizers(directory: str | os.PathLike) -> Tokenizers:
-  """CLIP BPE and BERT WordPiece vocabularies from one folder (as `shared/tokenizers`)."""
-  directory = pathlib.Path(directory)
+def load_tokenizers(directory: str | os.PathLike | None = None) -> Tokenizers:
+  """CLIP BPE and BERT WordPiece vocabularies from one folder (`vocab_dir`: `directory`,
+  $CODI_TOKENIZERS or the bundled ones)."""
+  directory = vocab_dir(directory)
   return Tokenizers(CLIPTokenizer.from_file(directory / "clip_bpe_simple_vocab_16e6.txt.gz"),
                     BertTokenizer.from_file(directory / "bert-base-cased-vocab.txt"))
 

@@ -1,6 +1,6 @@
 """Reading reference fixtures: `.npz` files made by running the original CoDi code.
 
-Format (`../shared/fixtures/codi_reference/README.md`): weights under their original state-dict
+Format (`tests/fixtures/codi_reference/README.md`): weights under their original state-dict
 keys (float16 parameters are exact: widen to float32), `input/<name>`, `output/<name>`,
 `meta/<name>`, and `config_json` with the component's own config.
 """
@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
 from typing import Any
 
 import numpy as np
+
+from codi_jax.text import vocab_dir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,11 +35,9 @@ class Fixture:
     return str(self.config.get("component", ""))
 
   def vocab_file(self, name: str) -> pathlib.Path:
-    """A real tokenizer vocabulary file: from $CODI_TOKENIZERS, else `shared/tokenizers` next to
-    the `shared/fixtures/<set>/` folder this fixture lives in."""
-    directory = pathlib.Path(os.environ.get("CODI_TOKENIZERS",
-                                            self.path.resolve().parents[2] / "tokenizers"))
-    path = directory / name
+    """A real tokenizer vocabulary file, from `vocab_dir()` ($CODI_TOKENIZERS or the bundled
+    vocabularies)."""
+    path = vocab_dir() / name
     if not path.is_file():
       raise FileNotFoundError(f"{self.name} needs the tokenizer file {path} (set CODI_TOKENIZERS "
                               "to the folder holding the real vocabularies)")

@@ -49,7 +49,7 @@ SHARDED_PARTS = ("diffusers", "autokl", "audioldm_vae", "hifigan_vocoder", "opti
 RESULT = "result.json"
 
 
-def load_pipeline(ckpt: str | os.PathLike, tokenizers: str | os.PathLike, mesh: Mesh,
+def load_pipeline(ckpt: str | os.PathLike, tokenizers: str | os.PathLike | None, mesh: Mesh,
                   rules: Rules) -> CoDiPipeline:
   """A pipeline whose sampled parts are laid out on `mesh` by the logical-axis `rules`, from
   their boxed abstract shapes (each process reads the checkpoint and keeps its own shards)."""

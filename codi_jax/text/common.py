@@ -1,4 +1,5 @@
-"""Shared by the three tokenizers: reading vocabulary files, special-token splitting, padding.
+"""Shared by the three tokenizers: where vocabularies live, reading them, special-token splitting,
+padding.
 
 B batch, T tokens.
 """
@@ -13,6 +14,16 @@ from collections.abc import Sequence
 
 import numpy as np
 import regex
+
+# The CLIP, BERT and GPT-2 vocabularies shipped as package data (their licences beside them).
+BUNDLED_VOCAB = pathlib.Path(__file__).resolve().parent / "vocab"
+
+
+def vocab_dir(directory: str | os.PathLike | None = None) -> pathlib.Path:
+  """The folder every tokenizer vocabulary is read from: `directory` when given (a --tokenizers
+  flag, `config.data.tokenizers`), else $CODI_TOKENIZERS, else the vocabularies bundled with the
+  package. The one place this rule lives."""
+  return pathlib.Path(directory or os.environ.get("CODI_TOKENIZERS") or BUNDLED_VOCAB)
 
 
 def read_text(path: str | os.PathLike, what: str, *, gzipped: bool = False) -> str:

@@ -10,7 +10,6 @@ stay on the host.
 
 from __future__ import annotations
 
-import pathlib
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import grain
@@ -23,9 +22,8 @@ from codi_jax.data import pipeline, synthetic
 from codi_jax.modality import Modality
 from codi_jax.models.optimus import BOS_ID, EOS_ID, PAD_ID
 from codi_jax.parallel.sharding import place_batch
-from codi_jax.text import BertTokenizer, CLIPTokenizer, GPT2Tokenizer
+from codi_jax.text import BertTokenizer, CLIPTokenizer, GPT2Tokenizer, vocab_dir
 
-DEFAULT_TOKENIZERS = pathlib.Path(__file__).resolve().parents[3] / "shared" / "tokenizers"
 ARRAY_FIELDS = ("index", "image", "video", "audio", "clip_ids", "bert_ids", "gpt2_ids")
 
 
@@ -36,8 +34,9 @@ class Tokenizers(NamedTuple):
 
 
 def load_tokenizers(directory: str | None) -> Tokenizers:
-  """The three vocabularies from one folder (default: the repository's shared/tokenizers)."""
-  d = pathlib.Path(directory) if directory else DEFAULT_TOKENIZERS
+  """The three vocabularies from one folder (`vocab_dir`: `directory`, $CODI_TOKENIZERS or the
+  bundled ones)."""
+  d = vocab_dir(directory)
   files = {"clip": d / "clip_bpe_simple_vocab_16e6.txt.gz", "bert": d / "bert-base-cased-vocab.txt",
            "vocab": d / "gpt2-vocab.json", "merges": d / "gpt2-merges.txt"}
   missing = [str(p) for p in files.values() if not p.is_file()]

@@ -23,12 +23,12 @@ SIZE, FRAMES, AUDIO_FRAMES, BATCH = 32, 4, 32, 2
 
 
 @pytest.fixture(scope="module")
-def setup(fixtures_dir):
+def setup():
   run = get_config("tiny")
   config = cache.cache_config_from(run, image_size=SIZE, audio_frames=AUDIO_FRAMES,
                                    batch_size=BATCH)
   params = cache.load_encoder_params(run.model, seed=1)
-  tokenizers = cache.load_tokenizers(fixtures_dir.parents[1] / "tokenizers")
+  tokenizers = cache.load_tokenizers()
   encoders = cache.FrozenEncoders(run.model, params, tokenizers, config)
   source = synthetic.SplitSource(synthetic.SyntheticConfig(image_size=SIZE, num_frames=FRAMES),
                                  "train")

@@ -24,7 +24,6 @@ from codi_jax.sample.manifest import default_options, load_inputs, read_manifest
 from configs.codi import SHARDING_RULES, get_config
 from tests.conftest import REPO
 
-TOKENIZERS = REPO.parent / "shared" / "tokenizers"
 SMALL = dict(ddim_steps=2, image_size=32, audio_seconds=0.3, num_frames=2)
 JOINT = dict(outputs=["audio", "text"], num_samples=2, eta=0.5)  # per-row eta noise and text keys
 LINES = [
@@ -80,7 +79,7 @@ def workspace(tmp_path_factory):
 
 def _run(workspace, out, mesh_sizes, devices, per_device_batch):
   mesh = create_mesh(mesh_sizes, devices=devices)
-  pipe = load_pipeline(workspace / "ckpt", TOKENIZERS, mesh, SHARDING_RULES)
+  pipe = load_pipeline(workspace / "ckpt", None, mesh, SHARDING_RULES)
   items, failures = read_manifest(workspace / "items.jsonl", pipe.plan,
                                   default_options(pipe.config))
   job = SamplingJob(pipe, mesh, SHARDING_RULES, out, per_device_batch=per_device_batch,
@@ -106,7 +105,7 @@ def one(workspace):
 def planner(workspace):
   """A pipeline on the default device, for its `plan` (no compiled sampling)."""
   config, params = checkpoint.load_model(workspace / "ckpt")
-  return CoDiPipeline(config, params, load_tokenizers(TOKENIZERS))
+  return CoDiPipeline(config, params, load_tokenizers())
 
 
 @pytest.mark.parametrize("line, match", [
@@ -231,7 +230,7 @@ def test_one_device_equals_eight(one, eight):
 def test_sample_equals_generate(workspace, eight):
   out = eight[0]
   config, params = checkpoint.load_model(workspace / "ckpt")
-  pipe = CoDiPipeline(config, params, load_tokenizers(TOKENIZERS))
+  pipe = CoDiPipeline(config, params, load_tokenizers())
   items, _ = read_manifest(workspace / "items.jsonl", pipe.plan, default_options(config))
   for item in (i for i in items if i.id in ("img-audio-text", "at-image")):
     line = {**SMALL, **LINES[item.line - 1]}
@@ -258,8 +257,8 @@ def _stats(items: pathlib.Path) -> dict:
 def test_killed_job_resumes_where_it_stopped(workspace, one, tmp_path):
   out = tmp_path / "job"
   cmd = [sys.executable, "-m", "codi_jax.cli", "sample", "--ckpt", str(workspace / "ckpt"),
-         "--manifest", str(workspace / "items.jsonl"), "--out", str(out), "--tokenizers",
-         str(TOKENIZERS), "--per_device_batch", "1", "--quiet"]
+         "--manifest", str(workspace / "items.jsonl"), "--out", str(out),
+         "--per_device_batch", "1", "--quiet"]
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
          "JAX_PLATFORMS": "cpu"}
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -307,8 +306,8 @@ def test_two_processes_share_the_work(workspace, one, tmp_path):
     (tmp_path / name).symlink_to(workspace / name)
   out = tmp_path / "job"
   cmd = [sys.executable, "-m", "codi_jax.cli", "sample", "--ckpt", str(workspace / "ckpt"),
-         "--manifest", str(tmp_path / "two.jsonl"), "--out", str(out), "--tokenizers",
-         str(TOKENIZERS), "--mesh", "data=2,fsdp=2", "--quiet"]
+         "--manifest", str(tmp_path / "two.jsonl"), "--out", str(out),
+         "--mesh", "data=2,fsdp=2", "--quiet"]
   procs = []
   for pid in range(2):
     env = {**os.environ, "CODI_COORDINATOR": f"localhost:{port}", "CODI_NUM_PROCESSES": "2",

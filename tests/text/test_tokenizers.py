@@ -1,44 +1,47 @@
 """Tokenizers against the reference fixtures' ids, plus round trips, edge cases and bad files.
 
-The vocabulary files are the real ones (`../shared/tokenizers`, or env CODI_TOKENIZERS).
+The vocabulary files are the real ones (`vocab_dir()`: the bundled ones, or env CODI_TOKENIZERS).
 """
 
 import gzip
 import json
-import os
-import pathlib
 
 import numpy as np
 import pytest
 
 from codi_jax.text import (BertTokenizer, BytePairEncoding, CLIPTokenizer, GPT2Tokenizer,
-                           clean_generated, remove_duplicate_ngrams)
+                           clean_generated, remove_duplicate_ngrams, vocab_dir)
 from codi_jax.text.bpe import byte_to_unicode, clip_clean
-from tests.conftest import FIXTURES, REPO
+from codi_jax.text.common import BUNDLED_VOCAB
+from tests.conftest import FIXTURES
 
-TOKENIZERS = pathlib.Path(os.environ.get("CODI_TOKENIZERS", REPO.parent / "shared" / "tokenizers"))
-
-
-def _vocab_file(name: str) -> pathlib.Path:
-  path = TOKENIZERS / name
-  if not path.is_file():
-    raise FileNotFoundError(f"tokenizer file {path} not found (set CODI_TOKENIZERS)")
-  return path
+VOCAB = vocab_dir()
 
 
 @pytest.fixture(scope="module")
 def bert():
-  return BertTokenizer.from_file(_vocab_file("bert-base-cased-vocab.txt"))
+  return BertTokenizer.from_file(VOCAB / "bert-base-cased-vocab.txt")
 
 
 @pytest.fixture(scope="module")
 def gpt2():
-  return GPT2Tokenizer.from_files(_vocab_file("gpt2-vocab.json"), _vocab_file("gpt2-merges.txt"))
+  return GPT2Tokenizer.from_files(VOCAB / "gpt2-vocab.json", VOCAB / "gpt2-merges.txt")
 
 
 @pytest.fixture(scope="module")
 def clip():
-  return CLIPTokenizer.from_file(_vocab_file("clip_bpe_simple_vocab_16e6.txt.gz"))
+  return CLIPTokenizer.from_file(VOCAB / "clip_bpe_simple_vocab_16e6.txt.gz")
+
+
+def test_vocab_dir_is_the_flag_else_the_environment_else_the_bundled_files(monkeypatch, tmp_path):
+  monkeypatch.delenv("CODI_TOKENIZERS", raising=False)
+  assert vocab_dir() == vocab_dir("") == BUNDLED_VOCAB
+  assert {p.name for p in BUNDLED_VOCAB.iterdir()} >= {  # the vocabularies and their licences
+      "bert-base-cased-vocab.txt", "clip_bpe_simple_vocab_16e6.txt.gz", "gpt2-merges.txt",
+      "gpt2-vocab.json", "LICENSE-BERT", "LICENSE-CLIP", "LICENSE-GPT2"}
+  monkeypatch.setenv("CODI_TOKENIZERS", str(tmp_path / "env"))
+  assert vocab_dir() == tmp_path / "env"
+  assert vocab_dir(tmp_path / "flag") == tmp_path / "flag"
 
 
 def _stored(fixture: str, *keys: str) -> list:
