@@ -6,7 +6,7 @@ r"""codi-jax eval: the any-to-any benchmark on held-out synthetic examples (`cod
 Generates every single input -> single output pair over text, image, video and audio, a few
 multi-input requests and joint text -> image+audio / video+audio (alignment others, self and
 none) from the checkpoint, reads the outputs back with the dataset's analyzers and prints one
-table per section and a summary against issue 8's bars (colour and pitch >= 0.9, the others
+table per section and a summary against the accuracy bars (colour and pitch >= 0.9, the others
 >= 0.7, joint agreement others > self). --json writes every number, --out a gallery (index.html)
 of the first examples. The exit status is 0 whatever the scores (it is a measurement); it is
 non-zero only when the evaluation itself fails.

@@ -246,7 +246,7 @@ UNET = KeyMap(rules=(
          "conv1x1"),
 ) + COMMON_RULES)
 
-# --- Autoencoders, vocoder and text VAE (issue 3). Keys relative to `autokl.`, `audioldm.`,
+# --- Autoencoders, vocoder and text VAE. Keys relative to `autokl.`, `audioldm.`,
 # `audioldm.vocoder.` and `optimus.`.
 
 # KL VAEs (image `autokl`, audio `audioldm`): plain convs, GroupNorms, 1x1-conv attention.
