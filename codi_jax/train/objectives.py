@@ -34,7 +34,7 @@ PyTree = Any
 Batch = Mapping[str, jax.Array]
 
 # Per-row random streams (folded into each row's key).
-_T, _NOISE, _POSTERIOR, _DROP, _CHOICE = 0, 1, 2, 3, 4
+_T, _NOISE, _POSTERIOR, _DROP, _CHOICE, _WORD_DROP = 0, 1, 2, 3, 4, 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,25 +198,94 @@ def vocoder_loss(model: vocoder.HiFiGAN, params: PyTree, audio: jax.Array, frame
 
 
 def optimus_loss(model: optimus.Optimus, params: PyTree, bert_ids: jax.Array, gpt2_ids: jax.Array,
-                 keys: jax.Array, beta: float, free_bits: float
+                 keys: jax.Array, beta: float, free_bits: float, *, softmax: str = "full",
+                 word_dropout: float = 0.0, bow_weight: float = 0.0, posterior_noise: float = 1.0
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Optimus' VAE objective: token cross-entropy of GPT-2 given z ~ q(z | BERT(text)), plus
-  beta * KL with free bits (per latent dimension, as Optimus does), both per target token."""
+  beta * KL with free bits (per latent dimension, as Optimus does), both per target token.
+
+  Training-only options (the defaults are the plain objective; none changes the model):
+    softmax          "full": over the whole vocabulary. "batch": over the tokens that occur among
+                     the batch's targets only (a sampled softmax with the batch as candidates;
+                     the tied output matrix restricted to those rows): the full 50k-way softmax
+                     is most of a small model's cost, and from scratch it learns faster.
+    word_dropout     probability of replacing each decoder input token after <BOS> by <PAD>
+                     (Bowman et al. 2016): a weaker language model leans on z, against collapse.
+    bow_weight       weight of a bag-of-words loss (Zhao et al. 2017): `linear_emb(z)` against the
+                     tied token embeddings must predict every target token, order-free; a
+                     direct path from the decoder's loss into the encoder.
+    posterior_noise  multiplier of the posterior sample's noise: 0 trains a deterministic
+                     autoencoder on the mean (what the text diffuser and the checks read).
+  """
+  if softmax not in ("full", "batch"):
+    raise ValueError(f"optimus_loss: softmax must be 'full' or 'batch', got {softmax!r}")
   variables = {"params": params}
   posterior = model.apply(variables, bert_ids, method=optimus.Optimus.encode)
   noise = _normal(_stream(keys, _POSTERIOR), posterior.mu.shape[1:])
-  z = posterior.mu + jnp.exp(0.5 * posterior.logvar) * noise
-  logits = model.apply(variables, gpt2_ids[:, :-1], z, method=optimus.Optimus.decode_logits)
-  targets = gpt2_ids[:, 1:]
+  z = posterior.mu + posterior_noise * jnp.exp(0.5 * posterior.logvar) * noise
+  inputs, targets = gpt2_ids[:, :-1], gpt2_ids[:, 1:]
+  if word_dropout > 0:
+    u = jax.vmap(lambda k: jax.random.uniform(k, inputs.shape[1:]))(_stream(keys, _WORD_DROP))
+    inputs = jnp.where((u < word_dropout) & (jnp.arange(inputs.shape[1]) > 0), PAD_ID, inputs)
   mask = (targets != PAD_ID).astype(jnp.float32)
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
   tokens = jnp.maximum(jnp.sum(mask), 1.0)
+  if softmax == "full" and bow_weight == 0:
+    logits = model.apply(variables, inputs, z, method=optimus.Optimus.decode_logits)
+    target_index, vocab = targets, None
+  else:
+    hidden, _ = model.apply(variables, inputs, z, method=_decoder_hidden)  # [B, T, E]
+    table = params["decoder"]["transformer"]["wte"]["embedding"]  # [V, E]
+    if softmax == "batch":
+      # Candidates: the distinct target ids, padded with -1 to a static size (masked out).
+      vocab = jnp.unique(targets.reshape(-1), size=targets.size, fill_value=-1)  # [K] sorted
+      valid = vocab >= 0
+      rows = table[jnp.where(valid, vocab, 0)]  # [K, E]
+      target_index = jnp.searchsorted(jnp.where(valid, vocab, jnp.iinfo(vocab.dtype).max),
+                                      targets)
+      restrict = lambda x: jnp.where(valid, x, -1e9)
+    else:
+      vocab, rows, target_index, restrict = None, table, targets, lambda x: x
+    logits = restrict(jnp.einsum("bte,ke->btk", hidden.astype(jnp.float32), rows))
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, target_index[..., None], axis=-1)[..., 0]
   ce = jnp.sum(nll * mask) / tokens
   kl_dim = 0.5 * (jnp.square(posterior.mu) + jnp.exp(posterior.logvar) - 1.0 - posterior.logvar)
   kl = jnp.sum(jnp.maximum(jnp.mean(kl_dim, axis=0), free_bits)) * gpt2_ids.shape[0] / tokens
-  accuracy = jnp.sum((jnp.argmax(logits, -1) == targets) * mask) / tokens
-  return ce + beta * kl, {"ce": ce, "kl": kl, "token_accuracy": accuracy}
+  predicted = jnp.argmax(logits, -1)
+  if vocab is not None:
+    predicted = vocab[predicted]
+  accuracy = jnp.sum((predicted == targets) * mask) / tokens
+  loss = ce + beta * kl
+  metrics = {"ce": ce, "kl": kl, "token_accuracy": accuracy,
+             "mu_spread": jnp.mean(jnp.std(posterior.mu, axis=0))}
+  if bow_weight > 0:
+    bow_logits = restrict(model.apply(variables, z, method=_latent_embedding) @ rows.T)  # [B, K]
+    bow_logp = jax.nn.log_softmax(bow_logits, axis=-1)
+    bow = -jnp.sum(jnp.take_along_axis(bow_logp, target_index, axis=-1) * mask) / tokens
+    loss = loss + bow_weight * bow
+    metrics["bow"] = bow
+  return loss, metrics
+
+
+def optimus_options(t: Mapping[str, Any]) -> dict[str, Any]:
+  """`optimus_loss`'s training-only options from `config.train` (`optimus_softmax`,
+  `optimus_word_dropout`, `optimus_bow_weight`, `optimus_posterior_noise`); absent keys keep
+  the plain objective."""
+  return dict(softmax=str(t.get("optimus_softmax", "full")),
+              word_dropout=float(t.get("optimus_word_dropout", 0.0)),
+              bow_weight=float(t.get("optimus_bow_weight", 0.0)),
+              posterior_noise=float(t.get("optimus_posterior_noise", 1.0)))
+
+
+def _decoder_hidden(module: optimus.Optimus, ids: jax.Array, z: jax.Array):
+  """The decoder's final hidden states [B, T, E] (before the tied LM head) and its cache."""
+  decoder = module.decoder
+  return decoder.transformer(ids, z, decoder.init_cache(z, ids.shape[1] + 1), 0)
+
+
+def _latent_embedding(module: optimus.Optimus, z: jax.Array) -> jax.Array:
+  """`linear_emb(z)` [B, E]: what the decoder adds to every token embedding."""
+  return module.decoder.transformer.linear_emb(z)
 
 
 def diffusion_loss(models: Models, diffuser_params: PyTree, x0: Mapping[Modality, jax.Array],
