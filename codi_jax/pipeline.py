@@ -5,9 +5,10 @@
 and mixed by weights with its null token beside it (`conditioning.encode_conditions`); the
 requested outputs' latents start from one seeded noise draw and are denoised JOINTLY by the DDIM
 sampler with classifier-free guidance; the latents are then decoded: the image VAE (per frame for
-video), the audio VAE -> HiFi-GAN vocoder (trimmed to the requested length), and Optimus' GPT-2
-decoder -> GPT-2 tokenizer text. Everything is deterministic from the seed, row by row: sample i
-of a request draws its noise, its DDIM eta noise and its text tokens from (seed, i) alone, so the
+video), the audio VAE -> the audio decoder (`config.model.audio_decoder`: the HiFi-GAN vocoder,
+or Griffin-Lim on the tiny preset; trimmed to the requested length), and Optimus' GPT-2 decoder
+-> GPT-2 tokenizer text. Everything is deterministic from the seed, row by row: sample i of a
+request draws its noise, its DDIM eta noise and its text tokens from (seed, i) alone, so the
 same request gives the same result alone (`generate`) or batched with others (`codi_jax.sample`).
 
 Inputs: text a non-empty string; image uint8 [H, W, 3]; video uint8 [F, H, W, 3]; audio float32
@@ -29,6 +30,7 @@ import ml_collections
 import numpy as np
 
 from codi_jax import checkpoint, components
+from codi_jax.audio import decoder as audio_decoder
 from codi_jax.audio.mel import HOP, N_MELS, SAMPLE_RATE
 from codi_jax.conditioning import PromptEncoders, encode_conditions, normalized_weights
 from codi_jax.data.preprocess import to_unit_range
@@ -383,9 +385,8 @@ class CoDiPipeline:
         elif m is Modality.AUDIO:
           # The original clips a batch's latents together: here, each request's rows together.
           mel = autoencoder.decode_audio(self.audio_vae, params["audioldm_vae"], z, clip_group=n)
-          wave = vocoder.mel_to_waveform(self.vocoder, params["hifigan_vocoder"],
-                                         mel[..., 0][:, None])  # [B, 1, L]
-          out[m.value] = wave[:, 0].astype(jnp.float32)
+          out[m.value] = audio_decoder.mel_to_wave(  # [B, L]
+              self.config.model, mel[..., 0], self.vocoder, params["hifigan_vocoder"])
         else:
           generated = optimus_decode.codi_generate(self.optimus, params["optimus"], z,
                                                    jax.random.wrap_key_data(rows.text_keys))

@@ -65,6 +65,12 @@ class AutoencoderConfig:
   double_z: bool = True
   resolution: int = 256
   scale_factor: float = IMAGE_SCALE_FACTOR
+  # Input normalisation: the encoder reads (x - input_shift) / input_scale and `decode` maps its
+  # output back (x * input_scale + input_shift), so callers always see the data's own units. The
+  # released VAEs read raw inputs (0 / 1, graphs unchanged); the tiny audio VAE trained from
+  # scratch reads log-mel normalised to mean ~0 and std ~1 (`configs/codi.py`).
+  input_shift: float = 0.0
+  input_scale: float = 1.0
 
   def __post_init__(self):
     object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
@@ -85,6 +91,12 @@ class AutoencoderConfig:
                        "(mean and logvar) as in the original")
     if not self.scale_factor > 0:
       raise ValueError(f"AutoencoderConfig.scale_factor must be positive, got {self.scale_factor}")
+    if not self.input_scale > 0:
+      raise ValueError(f"AutoencoderConfig.input_scale must be positive, got {self.input_scale}")
+
+  @property
+  def normalises_input(self) -> bool:
+    return self.input_shift != 0.0 or self.input_scale != 1.0
 
   @property
   def downsample_factor(self) -> int:
@@ -364,6 +376,8 @@ class AutoencoderKL(nn.Module):
   def encode(self, x: jax.Array) -> DiagonalGaussian:
     """x [B, (F,) H, W, in_channels] -> posterior over [B, (F,) H/f, W/f, Z]."""
     x, frames = self._fold(x, self.config.in_channels, "encode")
+    if self.config.normalises_input:
+      x = (x - self.config.input_shift) / self.config.input_scale
     f = self.config.downsample_factor
     if x.shape[1] < f or x.shape[2] < f:
       raise ValueError(f"AutoencoderKL.encode: spatial size {x.shape[1:3]} is smaller than the "
@@ -376,6 +390,8 @@ class AutoencoderKL(nn.Module):
     """z [B, (F,) h, w, Z] -> x [B, (F,) h*f, w*f, out_ch], float32."""
     z, frames = self._fold(z, self.config.embed_dim, "decode")
     x = self.decoder(self.post_quant_conv(z.astype(self.dtype)))
+    if self.config.normalises_input:
+      x = x.astype(jnp.float32) * self.config.input_scale + self.config.input_shift
     return self._unfold(x, frames).astype(jnp.float32)
 
   def __call__(self, x: jax.Array, rng: jax.Array | None = None

@@ -11,14 +11,14 @@ reused) and writes its media under `samples/`:
   latent_align     the phase's pair generated jointly, conditioned on the captions (audio_video,
                    which has none: on the clip's CLAP token, one of the conditions it trains on)
   autoencoders     reconstructions of those examples: image input | reconstruction side by side,
-                   audio through the audio VAE and/or the vocoder, Optimus' greedy text
+                   audio through the audio VAE and/or the audio decoder, Optimus' greedy text
   align_encoders   nothing: it trains no generator
 
 Tags: `samples/image`, `samples/video` (frames side by side), `samples/audio` (16 kHz),
 `samples/audio_input` (autoencoders: the clip the mel comes from), `samples/audio_mel` (a mel
-spectrogram image, low frequencies at the bottom, when no vocoder can be had), `samples/text` (a
-markdown table), and the conditions: `samples/prompts` (captions) or `samples/condition`
-(image or audio). Decoders the stage does not read (the vocoder) come from `config.init_from`
+spectrogram image, low frequencies at the bottom, when no vocoder can be had; a Griffin-Lim
+`config.model.audio_decoder` needs none), `samples/text` (a markdown table), and the conditions:
+`samples/prompts` (captions) or `samples/condition` (image or audio). Decoders the stage does not read (the vocoder) come from `config.init_from`
 when a checkpoint there holds them; otherwise that medium is skipped with one logged note.
 
 The examples are the first `sample_count` of the validation split (a fixed order, centre crops),
@@ -44,12 +44,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from codi_jax import checkpoint
+from codi_jax.audio import decoder as audio_decoder
 from codi_jax.audio.mel import HOP, SAMPLE_RATE, fbank_clip, wav_to_fbank
 from codi_jax.data import pipeline
 from codi_jax.diffusion.ddim import DDIMSampler, initial_noise
 from codi_jax.diffusion.schedule import ScheduleConfig
 from codi_jax.modality import Modality
-from codi_jax.models import autoencoder, optimus, optimus_decode, vocoder
+from codi_jax.models import autoencoder, optimus, optimus_decode
 from codi_jax.text.bpe import clean_generated
 from codi_jax.train import data as train_data
 from codi_jax.train import objectives
@@ -173,10 +174,11 @@ class SampleLogger:
   # --- decoders the stage does not read ---------------------------------------------------
 
   def _wanted_decoders(self) -> set[str]:
+    vocoder_needed = audio_decoder.needs_vocoder(self.config.model)
     if self.stage.name == "autoencoders":
-      return {VOCODER} if "audioldm_vae" in self.stage.parts else set()
+      return {VOCODER} if "audioldm_vae" in self.stage.parts and vocoder_needed else set()
     wanted = {_DECODERS[m] for phase in self.stage.phases for m in phase.outputs}
-    return wanted | ({VOCODER} if "audioldm_vae" in wanted else set())
+    return wanted | ({VOCODER} if "audioldm_vae" in wanted and vocoder_needed else set())
 
   def _extra_decoders(self, mesh: Mesh) -> tuple[Flat, set[str]]:
     """(decoders loaded from `init_from`, decoders that could not be had)."""
@@ -192,6 +194,10 @@ class SampleLogger:
 
   def _has(self, part: str) -> bool:
     return part not in self.unavailable
+
+  def _can_vocode(self) -> bool:
+    """Whether log-mel can become a wave: Griffin-Lim always, HiFi-GAN with its parameters."""
+    return not audio_decoder.needs_vocoder(self.config.model) or self._has(VOCODER)
 
   # --- the programs -----------------------------------------------------------------------
 
@@ -220,10 +226,11 @@ class SampleLogger:
 
   def _decode_audio_mel(self, params, mel: jax.Array, out: Raw, name: str) -> None:
     """Log-mel [N, T, M] -> out[name] wave [N, T * HOP] (the span of its frames), or
-    out[name_mel], a mel image, without a vocoder."""
-    if self._has(VOCODER):
-      wave = vocoder.mel_to_waveform(self.models.vocoder, params[VOCODER], mel[:, None])
-      out[name] = wave[:, 0, :mel.shape[1] * HOP].astype(jnp.float32)  # [N, T * HOP]
+    out[name_mel], a mel image, without a vocoder (`audio_decoder.mel_to_wave`)."""
+    if self._can_vocode():
+      wave = audio_decoder.mel_to_wave(self.config.model, mel, self.models.vocoder,
+                                       params.get(VOCODER))
+      out[name] = wave[:, :mel.shape[1] * HOP]  # [N, T * HOP]
     else:
       out[f"{name}_mel"] = _mel_image(mel)
 
@@ -283,7 +290,7 @@ class SampleLogger:
           vae, p = models.audio_vae, {"params": params["audioldm_vae"]}
           posterior = vae.apply(p, fbank[..., None], method=autoencoder.AutoencoderKL.encode)
           mel = vae.apply(p, posterior.mean, method=autoencoder.AutoencoderKL.decode)[..., 0]
-        if self._has(VOCODER):
+        if self._can_vocode():
           self._decode_audio_mel(params, mel, out, "audio")
           out["audio_input"] = fbank_clip(batch["audio"], frames)  # [N, T * HOP]
         else:
