@@ -311,7 +311,9 @@ def _source_dataset(source: Source, spec: StageData) -> grain.MapDataset:
   """One epoch of a source as decoded dicts (None where the stage cannot use an example)."""
   if isinstance(source, SyntheticSource):
     decode = _DecodeSynthetic(spec, source.name, source.config.sample_rate)
-    return grain.MapDataset.source(synthetic.SplitSource(source.config, source.split)).map(decode)
+    media = tuple(m.value for m in spec.modalities if m.value in synthetic.MEDIA)
+    return grain.MapDataset.source(
+        synthetic.SplitSource(source.config, source.split, media)).map(decode)
   examples = source.open() if isinstance(source, TfdsSource) else records.read_records(
       source.files())
   return grain.MapDataset.source(examples).map(_DecodeRecord(spec, source.name))

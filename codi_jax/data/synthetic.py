@@ -266,18 +266,22 @@ def split_size(config: SyntheticConfig, split: str) -> int:
   return getattr(config, f"{split}_size")
 
 
-class SplitSource:
-  """One split as a random-access source (len, [i] -> SyntheticExample), generated on access."""
+MEDIA = ("image", "video", "audio")
 
-  def __init__(self, config: SyntheticConfig, split: str):
+
+class SplitSource:
+  """One split as a random-access source (len, [i] -> SyntheticExample), generated on access;
+  `media` limits what is rendered (see `generate`)."""
+
+  def __init__(self, config: SyntheticConfig, split: str, media: tuple[str, ...] = MEDIA):
     split_size(config, split)  # validates the split name
-    self.config, self.split = config, split
+    self.config, self.split, self.media = config, split, media
 
   def __len__(self) -> int:
     return split_size(self.config, self.split)
 
   def __getitem__(self, index: int) -> SyntheticExample:
-    return generate(self.config, self.split, int(index))
+    return generate(self.config, self.split, int(index), self.media)
 
 
 def _example_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -285,9 +289,15 @@ def _example_rng(seed: int, split: str, index: int) -> np.random.Generator:
   return np.random.default_rng(np.random.SeedSequence((seed, zlib.crc32(split.encode()), index)))
 
 
-def generate(config: SyntheticConfig, split: str, index: int) -> SyntheticExample:
+def generate(config: SyntheticConfig, split: str, index: int,
+             media: tuple[str, ...] = MEDIA) -> SyntheticExample:
   """Example `index` of `split`: a pure function of (config.seed, split, index) and the media
-  sizes (the split sizes only bound `index`)."""
+  sizes (the split sizes only bound `index`). Only the `media` named are rendered (a reader of
+  text alone need not draw pictures); the others are empty arrays. What is rendered does not
+  depend on what else is."""
+  unknown = set(media) - set(MEDIA)
+  if unknown:
+    raise ValueError(f"generate: unknown media {sorted(unknown)}; choose from {MEDIA}")
   size = split_size(config, split)
   if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < size:
     raise ValueError(f"index must be an integer in [0, {size}) for split {split!r}, got {index!r}")
@@ -297,9 +307,12 @@ def generate(config: SyntheticConfig, split: str, index: int) -> SyntheticExampl
   return SyntheticExample(
       key=f"synthetic-s{config.seed}-{split}-{int(index):07d}",
       text=text,
-      image=_render_frame(scene, config.image_size, scene.centre),
-      video=_render_video(scene, config.image_size, config.num_frames),
-      audio=_render_audio(scene, config.sample_rate, config.num_samples),
+      image=(_render_frame(scene, config.image_size, scene.centre) if "image" in media
+             else np.zeros((0, 0, 3), np.uint8)),
+      video=(_render_video(scene, config.image_size, config.num_frames) if "video" in media
+             else np.zeros((0, 0, 0, 3), np.uint8)),
+      audio=(_render_audio(scene, config.sample_rate, config.num_samples) if "audio" in media
+             else np.zeros((0,), np.float32)),
       attributes=scene.attributes,
   )
 

@@ -347,3 +347,15 @@ def test_analyzer_input_validation():
     an.analyze_audio(np.zeros(100, np.float32), 16000)
   with pytest.raises(ValueError, match="caption is empty"):
     an.analyze_text("  ")
+
+
+def test_only_the_requested_media_are_rendered_and_they_do_not_change():
+  config = syn.SyntheticConfig()
+  full = syn.generate(config, "train", 3)
+  audio = syn.generate(config, "train", 3, ("audio",))
+  assert audio.text == full.text and audio.attributes == full.attributes
+  np.testing.assert_array_equal(audio.audio, full.audio)
+  assert audio.image.size == 0 and audio.video.size == 0
+  np.testing.assert_array_equal(syn.SplitSource(config, "train", ("video",))[3].video, full.video)
+  with pytest.raises(ValueError, match="unknown media"):
+    syn.generate(config, "train", 3, ("smell",))
