@@ -108,11 +108,6 @@ def dataset_config(config: ml_collections.ConfigDict) -> syn.SyntheticConfig:
                              seed=config.seed)
 
 
-def _uint8(pixels: np.ndarray) -> np.ndarray:
-  """[-1, 1] -> uint8, the inverse of `preprocess.to_unit_range`."""
-  return np.round((pixels + 1.0) * 127.5).astype(np.uint8)
-
-
 def load_examples(config: ml_collections.ConfigDict, split: str, num_examples: int
                   ) -> list[syn.SyntheticExample]:
   """The first `num_examples` of `split`, media at the model's sizes (`config.data`: image side,
@@ -130,9 +125,10 @@ def load_examples(config: ml_collections.ConfigDict, split: str, num_examples: i
   examples = []
   for i in range(num_examples):
     ex = syn.generate(dataset, split, i)
+    image = preprocess.preprocess_image(ex.image, d.image_size)
+    video = preprocess.preprocess_video(ex.video, d.image_size, d.num_frames)
     examples.append(dataclasses.replace(
-        ex, image=_uint8(preprocess.preprocess_image(ex.image, d.image_size)),
-        video=_uint8(preprocess.preprocess_video(ex.video, d.image_size, d.num_frames)),
+        ex, image=preprocess.from_unit_range(image), video=preprocess.from_unit_range(video),
         audio=preprocess.fit_audio(ex.audio, d.audio_samples)))
   return examples
 

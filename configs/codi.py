@@ -47,16 +47,23 @@ PRESETS = {
 # The autoencoders, vocoder and prompt encoders per preset (field names of their typed configs:
 # `codi_jax.components`). `full` is the released CoDi (CODI_REFERENCE §1); the latent sizes of
 # every preset agree with its diffusers (image/video f8 with 4 channels, audio f4 with 8 channels,
-# text latent = the text diffuser's width, prompt token = context_dim).
+# text latent = the text diffuser's width, prompt token = context_dim). The latent scale/shift
+# are the released CoDi's; training the autoencoders from scratch replaces them with its latents'
+# measured statistics in the checkpoint it exports (`codi_jax.train.latent_stats`).
 ENCODERS = {
     "tiny": dict(
-        image_vae=dict(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1),
-        audio_vae=dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1),
+        # f4 on 32 x 32 images (the 8 x 8 latent of the tiny diffuser; CPU-cheap).
+        image_vae=dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1),
+        # Log-mel normalised in the VAE: mean / std of the synthetic train clips' log-mel.
+        audio_vae=dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, input_shift=-8.14,
+                       input_scale=3.55),
         vocoder=dict(upsample_initial_channel=64),
         optimus=dict(bert=(64, 2, 2, 128), gpt2=(64, 2, 2)),
         clip=dict(text=(64, 2, 2, 128), vision=(64, 2, 2, 128), image_size=32, patch_size=8),
-        clap=dict(spec_size=64, mel_bins=16, hop_size=4800, embed_dim=16, depths=(2, 1),
-                  num_heads=(2, 4))),
+        # A 0.625 s clip at 48 kHz, hop 10 ms: 63 frames of 64 mel bins fill the 64 x 64 image
+        # (not padded to CoDi's 10 s).
+        clap=dict(spec_size=64, mel_bins=64, hop_size=480, clip_samples=30000, embed_dim=16,
+                  depths=(2, 1), num_heads=(2, 4))),
     "small": dict(
         image_vae=dict(ch=64, ch_mult=(1, 2, 2, 4), num_res_blocks=1),
         audio_vae=dict(ch=64, ch_mult=(1, 2, 4), num_res_blocks=1),
@@ -64,8 +71,8 @@ ENCODERS = {
         optimus=dict(bert=(256, 4, 4, 1024), gpt2=(256, 4, 4)),
         clip=dict(text=(256, 4, 4, 1024), vision=(256, 4, 4, 1024), image_size=128,
                   patch_size=16),
-        clap=dict(spec_size=256, mel_bins=64, hop_size=480, embed_dim=64, depths=(2, 2, 2, 2),
-                  num_heads=(2, 4, 8, 16))),
+        clap=dict(spec_size=256, mel_bins=64, hop_size=480, clip_samples=480000, embed_dim=64,
+                  depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16))),
     "full": dict(
         image_vae=dict(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2),
         audio_vae=dict(ch=128, ch_mult=(1, 2, 4), num_res_blocks=2),
@@ -73,15 +80,15 @@ ENCODERS = {
         optimus=dict(bert=(768, 12, 12, 3072), gpt2=(768, 12, 12)),
         clip=dict(text=(768, 12, 12, 3072), vision=(1024, 24, 16, 4096), image_size=224,
                   patch_size=14),
-        clap=dict(spec_size=256, mel_bins=64, hop_size=480, embed_dim=256, depths=(2, 2, 12, 2),
-                  num_heads=(4, 8, 16, 32))),
+        clap=dict(spec_size=256, mel_bins=64, hop_size=480, clip_samples=480000, embed_dim=256,
+                  depths=(2, 2, 12, 2), num_heads=(4, 8, 16, 32))),
 }
 
-# Training defaults per preset: sizes that fit the model (image side = 8 x latent side; audio
-# = 625 samples per latent frame: 4 mel frames of AudioLDM's 102.4 frames/s) and a schedule
-# that suits the preset's scale.
+# Training defaults per preset: sizes that fit the model (image side = VAE factor x latent side;
+# audio = 625 samples per latent frame: 4 mel frames of AudioLDM's 102.4 frames/s) and a
+# schedule that suits the preset's scale.
 PRESET_TRAIN = {
-    "tiny": dict(steps=200, batch_size=8, learning_rate=1e-3, warmup_steps=20, image_size=64,
+    "tiny": dict(steps=200, batch_size=8, learning_rate=1e-3, warmup_steps=20, image_size=32,
                  audio_samples=16 * 625, bert_length=32, gpt2_length=32, log_every=10,
                  checkpoint_every=100, sample_every=100),
     "small": dict(steps=100_000, batch_size=64, learning_rate=1e-4, warmup_steps=1000,
@@ -144,15 +151,15 @@ def _encoders(p: dict, e: dict) -> dict:
   tower = lambda w: dict(width=w[0], layers=w[1], heads=w[2], mlp_width=w[3])
   return dict(
       image_vae=dict(e["image_vae"], in_channels=3, out_ch=3, z_channels=4, embed_dim=4,
-                     scale_factor=0.18215),
+                     scale_factor=0.18215, shift_factor=0.0),
       audio_vae=dict(e["audio_vae"], in_channels=1, out_ch=1, z_channels=8, embed_dim=8,
-                     scale_factor=0.9228),
+                     scale_factor=0.9228, shift_factor=0.0),
       vocoder=dict(e["vocoder"]),
       optimus=dict(
           encoder=dict(hidden_size=bert[0], num_layers=bert[1], num_heads=bert[2],
                        intermediate_size=bert[3]),
           decoder=dict(n_embd=gpt2[0], n_layer=gpt2[1], n_head=gpt2[2]),
-          latent_size=p["text_latent"], scale_factor=4.3108),
+          latent_size=p["text_latent"], scale_factor=4.3108, shift_factor=0.0),
       clip=dict(text=tower(clip["text"]),
                 vision=dict(tower(clip["vision"]), image_size=clip["image_size"],
                             patch_size=clip["patch_size"]),
@@ -161,7 +168,7 @@ def _encoders(p: dict, e: dict) -> dict:
           audio=dict(mel_bins=e["clap"]["mel_bins"], hop_size=e["clap"]["hop_size"]),
           htsat=dict(spec_size=e["clap"]["spec_size"], embed_dim=e["clap"]["embed_dim"],
                      depths=e["clap"]["depths"], num_heads=e["clap"]["num_heads"]),
-          joint_embed_dim=p["context_dim"]),
+          joint_embed_dim=p["context_dim"], clip_samples=e["clap"]["clip_samples"]),
   )
 
 
@@ -179,6 +186,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       text=_unet(p, p["text_channels"], p["text_latent"], text=True),
       **_encoders(p, ENCODERS[arg]),
       alignment=p["alignment"],
+      # log-mel -> wave: "hifigan" (the vocoder part, as the original) or "griffin_lim" (no
+      # parameters: mel inversion + Griffin-Lim, `codi_jax.audio.griffin_lim`), which the tiny
+      # preset uses because a CPU-sized HiFi-GAN does not learn audible, pitched waves in minutes.
+      audio_decoder="griffin_lim" if arg == "tiny" else "hifigan",
       attention_impl="xla",  # "cudnn" for the fused GPU kernel
       dtype="float32",  # compute dtype; "bfloat16" on accelerators (params stay float32)
       remat="none",  # diffuser blocks: none | full | dots (recompute in the backward pass)
@@ -204,14 +215,39 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       learning_rate=t["learning_rate"], warmup_steps=t["warmup_steps"],
       decay="cosine",  # cosine | constant (after warm-up)
       end_learning_rate_fraction=0.1, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8,
-      grad_clip=1.0, ema_decay=0.999, export_ema=True,
+      grad_clip=1.0,  # per part: each part's gradient is clipped on its own
+      part_learning_rates="",  # e.g. "optimus=3e-3,autokl=2e-3": peak rates overriding the above
+      ema_decay=0.999, export_ema=True,
       cond_dropout=0.1,  # guidance dropout of the condition token
-      kl_weight=1e-6, optimus_beta=0.5, optimus_free_bits=0.5,
+      kl_weight=1e-6,
+      # Both VAEs: decode a posterior sample (LDM) or the mode, plus a squared-error term beside
+      # L1 (objectives.vae_loss says why the tiny preset, trained for minutes, uses both).
+      vae_sample_posterior=arg != "tiny", vae_l2_weight=1.0 if arg == "tiny" else 0.0,
+      # Synthetic data only (off for real data): pixels unlike the plain background weigh
+      # 1 + vae_contrast_weight * contrast (objectives.vae_loss).
+      vae_contrast_weight=0.0,
+      optimus_beta=0.5, optimus_free_bits=0.5,
+      # Optimus training-only options (objectives.optimus_loss): softmax "full" | "batch" (over
+      # the batch's target tokens only: a sampled softmax, far cheaper than 50k-way on a CPU);
+      # word_dropout: decoder inputs -> <PAD> with this probability (against posterior collapse);
+      # bow_weight: bag-of-words loss from linear_emb(z); posterior_noise 0: a deterministic
+      # autoencoder on the mean. The released recipe is the plain objective (full, 0, 0, 1).
+      optimus_softmax="full", optimus_word_dropout=0.0, optimus_bow_weight=0.0,
+      optimus_posterior_noise=1.0,
       env_contrastive_weight=0.1, env_contrastive_scale=10.0,
+      # After `autoencoders`: examples the latent shift/scale are measured on (latent_stats).
+      latent_stats_examples=512,
+      # autoencoders / align_encoders end with their quality checks (codi_jax.quality.checks) on
+      # this many held-out examples, written to <workdir>/quality.json (0: off).
+      quality_examples=128,
       # align_encoders also trains the CLIP text tower: for training from scratch; a pretrained
       # (e.g. released) CLIP keeps its text space frozen as the bridge.
       align_text_encoder=arg != "full",
-      autoencoders="autokl,audioldm_vae,hifigan_vocoder,optimus",
+      # The autoencoders stage trains these one after the other; part:N gives the part N shares of
+      # the stage's steps (default 1 each).
+      # (the tiny preset decodes audio with Griffin-Lim, so it trains no vocoder).
+      autoencoders=("autokl,audioldm_vae,optimus" if arg == "tiny" else
+                    "autokl,audioldm_vae,hifigan_vocoder,optimus"),
       latent_align_pairs="text_image,audio_text,audio_video",
       log_every=t["log_every"], checkpoint_every=t["checkpoint_every"], keep_checkpoints=3,
       async_checkpoints=True,

@@ -20,7 +20,7 @@ from tests.conftest import REPO
 def test_stage_steps_parses_overrides_and_rejects_bad_ones():
   steps = demo.stage_steps(["diffuse_image=7", "latent_align=3"])
   assert steps["diffuse_image"] == 7 and steps["latent_align"] == 3
-  assert steps["autoencoders"] == demo.DEMO_STEPS["autoencoders"]
+  assert steps["autoencoders"] == demo.DEMO_STAGES["autoencoders"]["steps"]
   for bad in (["bogus=3"], ["diffuse_image"], ["diffuse_image=x"], ["diffuse_image=0"]):
     with pytest.raises(SystemExit, match="--steps"):
       demo.stage_steps(bad)

@@ -37,15 +37,23 @@ EVAL_EXAMPLES = flags.DEFINE_integer("eval_examples", 12,
 DDIM_STEPS = flags.DEFINE_integer("ddim_steps", 15, "DDIM steps of the generated examples.")
 TOKENIZERS = flags.DEFINE_string("tokenizers", None, common.TOKENIZERS_HELP)
 
-# Steps per stage: sized so the whole demo, compiles included, stays within ~20 minutes on 2 CPU
-# cores (benchmarks/RESULTS.md has the measured times and what the model reaches).
-DEMO_STEPS = {"autoencoders": 150, "align_encoders": 300, "diffuse_image": 800,
-              "diffuse_video": 100, "diffuse_audio": 300, "diffuse_text": 600,
-              "latent_align": 90}
+# Per stage: its steps and the `config.train` fields it sets beside them (sized so the whole demo,
+# compiles included, stays within ~25 minutes on 2 CPU cores; benchmarks/RESULTS.md has the
+# measured times and what the model reaches). Contrastive alignment needs a batch where the
+# negatives differ in more than one attribute.
+DEMO_STAGES = {
+    "autoencoders": dict(steps=150, batch_size=16),
+    "align_encoders": dict(steps=300, batch_size=128),
+    "diffuse_image": dict(steps=800),
+    "diffuse_video": dict(steps=100),
+    "diffuse_audio": dict(steps=300),
+    "diffuse_text": dict(steps=600),
+    "latent_align": dict(steps=90),
+}
 
 
 def stage_steps(overrides: list[str]) -> dict[str, int]:
-  steps = dict(DEMO_STEPS)
+  steps = {stage: settings["steps"] for stage, settings in DEMO_STAGES.items()}
   for item in overrides:
     name, sep, value = item.partition("=")
     if not sep or name not in steps:
@@ -77,7 +85,7 @@ def train_stages(config, workdir: pathlib.Path, steps: dict[str, int]) -> list[d
       stage_config = config.copy_and_resolve_references()
       stage_config.unlock()
       stage_config.stage = stage
-      stage_config.train.steps = steps[stage]
+      stage_config.train.update(DEMO_STAGES[stage], steps=steps[stage])
       stage_config.init_from = ",".join(str(m) for m in models)
       stage_config.train.sample_every = 0  # the gallery at the end shows what the model makes
       start = time.perf_counter()
@@ -85,7 +93,8 @@ def train_stages(config, workdir: pathlib.Path, steps: dict[str, int]) -> list[d
       if summary.preempted:
         raise SystemExit(f"codi-jax demo: stopped during {stage}; run the same command to resume")
       result = dict(stage=stage, steps=summary.end_step, resumed_from=summary.resumed_from,
-                    final_loss=summary.final_loss, seconds=round(time.perf_counter() - start, 1))
+                    final_loss=summary.final_loss, seconds=round(time.perf_counter() - start, 1),
+                    quality=_quality(run_dir))
       atomic_write_json(run_dir / "summary.json", result)
       summaries.append(result)
     models.append(model_dir)
@@ -97,6 +106,13 @@ def _finished_summary(stage: str, run_dir: pathlib.Path) -> dict:
   if path.is_file():
     return dict(json.loads(path.read_text()), reused=True)
   return dict(stage=stage, reused=True)
+
+
+def _quality(run_dir: pathlib.Path) -> dict | None:
+  """The stage's quality checks (`<run>/quality.json`), where the stage has them."""
+  from codi_jax.train.loop import QUALITY_FILE
+  path = run_dir / QUALITY_FILE
+  return json.loads(path.read_text()) if path.is_file() else None
 
 
 def merge_models(workdir: pathlib.Path) -> pathlib.Path:
@@ -116,6 +132,7 @@ def merge_models(workdir: pathlib.Path) -> pathlib.Path:
 
 def report_markdown(config, summaries: list[dict], result: dict, seconds: float) -> str:
   from codi_jax.evaluate import format_report
+  from codi_jax.quality.checks import Check, format_table
 
   lines = ["# codi-jax demo report", "",
            f"Preset `{config.preset}`, trained from scratch on the synthetic paired dataset; "
@@ -126,6 +143,11 @@ def report_markdown(config, summaries: list[dict], result: dict, seconds: float)
     lines.append(f"| {s['stage']} | {s.get('steps', '')} | "
                  f"{'' if loss is None else f'{loss:.4f}'} | {s.get('seconds', '')} | "
                  f"{'reused' if s.get('reused') else s.get('resumed_from', '')} |")
+  for s in summaries:
+    quality = s.get("quality")
+    if quality:
+      lines += ["", f"## {s['stage']}: quality checks", "", "```",
+                format_table({k: Check.from_json(v) for k, v in quality.items()}), "```"]
   lines += ["", "## Any-to-any benchmark", "", "```", format_report(result), "```", ""]
   return "\n".join(lines)
 

@@ -10,6 +10,13 @@ table per section and a summary against the accuracy bars (colour and pitch >= 0
 >= 0.7, joint agreement others > self). --json writes every number, --out a gallery (index.html)
 of the first examples. The exit status is 0 whatever the scores (it is a measurement); it is
 non-zero only when the evaluation itself fails.
+
+  codi-jax eval --stage_checks --ckpt CKPT [--json quality.json] [--num_examples 128]
+
+instead runs the first two training stages' quality checks (`codi_jax.quality.checks`: the
+autoencoders' round trips read by the analyzers, the normalised latents' std, the prompt
+encoders' attribute probes and cross-modal retrieval) on whichever of those parts the checkpoint
+holds, prints a table and with --json writes `{name: {"value", "bar", "met"}}`.
 """
 
 from __future__ import annotations
@@ -35,6 +42,29 @@ BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Requests per compiled progr
 GALLERY_EXAMPLES = flags.DEFINE_integer("gallery_examples", 2,
                                         "Examples shown in the --out gallery.")
 TOKENIZERS = flags.DEFINE_string("tokenizers", None, common.TOKENIZERS_HELP)
+STAGE_CHECKS = flags.DEFINE_bool(
+    "stage_checks", False, "Run the autoencoders' and prompt encoders' quality checks instead "
+    "of the generation benchmark (--num_examples: held-out examples, at least 64).")
+
+
+def run_stage_checks() -> dict:
+  from codi_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  from codi_jax.quality import checks  # pylint: disable=import-outside-toplevel
+  from codi_jax.train.data import load_tokenizers  # pylint: disable=import-outside-toplevel
+  if not CKPT.value:
+    raise ValueError("--ckpt is required")
+  present = set(checkpoint.saved_parts(CKPT.value))
+  stages = [s for s, (parts, _) in checks.STAGE_CHECKS.items()
+            if present & set(parts) and (s != "align_encoders" or set(parts) <= present)]
+  if not stages:
+    raise ValueError(f"{CKPT.value} holds none of the parts the stage checks read "
+                     f"({', '.join(p for parts, _ in checks.STAGE_CHECKS.values() for p in parts)})")
+  result = checks.check_model(CKPT.value, stages, num_examples=NUM_EXAMPLES.value,
+                              tokenizers=load_tokenizers(TOKENIZERS.value))
+  print(checks.format_table(result))
+  if common.JSON.value:
+    atomic_write_json(common.JSON.value, checks.as_json(result))
+  return result
 
 
 def run() -> dict:
@@ -55,6 +85,11 @@ def run() -> dict:
 def main(argv: list[str]) -> int:
   del argv
   try:
+    if STAGE_CHECKS.value:
+      run_stage_checks()
+      if common.JSON.value:
+        print(f"Wrote JSON {pathlib.Path(common.JSON.value).resolve()}")
+      return 0
     result = run()
   except (ValueError, FileNotFoundError) as e:  # media.MediaError is a ValueError
     raise SystemExit(f"codi-jax eval: error: {e}") from None

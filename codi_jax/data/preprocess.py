@@ -56,6 +56,11 @@ def to_unit_range(pixels: np.ndarray) -> np.ndarray:
   return pixels.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
 
 
+def from_unit_range(pixels: np.ndarray) -> np.ndarray:
+  """[-1, 1] (clipped) -> uint8, the inverse of `to_unit_range`."""
+  return np.round((np.clip(pixels, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+
+
 def preprocess_image(image: np.ndarray, size: int,
                      rng: np.random.Generator | None = None) -> np.ndarray:
   """uint8 [H, W, 3] -> float32 [S, S, 3] in [-1, 1]; random crop when an rng is given."""

@@ -65,6 +65,10 @@ class AutoencoderConfig:
   double_z: bool = True
   resolution: int = 256
   scale_factor: float = IMAGE_SCALE_FACTOR
+  # Diffusion latent = scale_factor * (z - shift_factor). The released VAEs use a scale only
+  # (shift 0); a VAE trained from scratch gets both from its latents' statistics
+  # (`codi_jax.train.latent_stats`), so the diffusers see a latent of mean ~0 and std ~1.
+  shift_factor: float = 0.0
   # Input normalisation: the encoder reads (x - input_shift) / input_scale and `decode` maps its
   # output back (x * input_scale + input_shift), so callers always see the data's own units. The
   # released VAEs read raw inputs (0 / 1, graphs unchanged); the tiny audio VAE trained from
@@ -422,13 +426,23 @@ def encode_image(model: AutoencoderKL, params: PyTree, x: jax.Array,
   The original draws a posterior sample; pass `rng` for that, or None for the mode.
   """
   posterior = model.apply({"params": params}, x, method=AutoencoderKL.encode)
-  return model.config.scale_factor * posterior.latent(rng)
+  return scale_latent(model.config, posterior.latent(rng))
 
 
 def decode_image(model: AutoencoderKL, params: PyTree, z: jax.Array) -> jax.Array:
   """`CoDi.autokl_decode`: scaled latent [B, (F,) h, w, 4] -> x [B, (F,) 8h, 8w, 3], ~[-1, 1]."""
-  return model.apply({"params": params}, z / model.config.scale_factor,
+  return model.apply({"params": params}, unscale_latent(model.config, z),
                      method=AutoencoderKL.decode)
+
+
+def scale_latent(config: AutoencoderConfig, z: jax.Array) -> jax.Array:
+  """VAE latent -> diffusion latent: scale_factor * (z - shift_factor)."""
+  return config.scale_factor * (z - config.shift_factor)
+
+
+def unscale_latent(config: AutoencoderConfig, z: jax.Array) -> jax.Array:
+  """Diffusion latent -> VAE latent (the inverse of `scale_latent`)."""
+  return z / config.scale_factor + config.shift_factor
 
 
 def encode_audio(model: AutoencoderKL, params: PyTree, wave: jax.Array, *, time: float,
@@ -443,7 +457,7 @@ def encode_audio(model: AutoencoderKL, params: PyTree, wave: jax.Array, *, time:
                      "channels; the AudioLDM VAE takes one log-mel channel")
   fbank = wav_to_fbank(wave, fbank_frames(time), sample_rate=sample_rate)  # [B, t, M]
   posterior = model.apply({"params": params}, fbank[..., None], method=AutoencoderKL.encode)
-  return model.config.scale_factor * posterior.latent(rng)
+  return scale_latent(model.config, posterior.latent(rng))
 
 
 def decode_audio(model: AutoencoderKL, params: PyTree, z: jax.Array,
@@ -463,6 +477,6 @@ def decode_audio(model: AutoencoderKL, params: PyTree, z: jax.Array,
   peak = jnp.max(jnp.abs(z).reshape(-1, group, math.prod(z.shape[1:])), axis=(1, 2))  # [B/g]
   clipped = jnp.repeat(peak > AUDIO_CLIP_THRESHOLD, group)[:, None, None, None]  # [B, 1, 1, 1]
   z = jnp.where(clipped, jnp.clip(z, -AUDIO_CLIP, AUDIO_CLIP), z)
-  return model.apply({"params": params}, z / model.config.scale_factor,
+  return model.apply({"params": params}, unscale_latent(model.config, z),
                      method=AutoencoderKL.decode)
 

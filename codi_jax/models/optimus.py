@@ -92,6 +92,9 @@ class OptimusConfig:
   decoder: GPT2Config = dataclasses.field(default_factory=GPT2Config)
   latent_size: int = 768
   scale_factor: float = TEXT_SCALE_FACTOR
+  # Diffusion latent = scale_factor * (mu - shift_factor); 0 for the released Optimus, measured
+  # for one trained from scratch (`codi_jax.train.latent_stats`).
+  shift_factor: float = 0.0
   dtype: str = "float32"
 
   def __post_init__(self):
@@ -506,8 +509,9 @@ class Optimus(nn.Module):
     return self.encoder(ids)
 
   def codi_encode(self, ids: jax.Array) -> jax.Array:
-    """CoDi's `optimus_encode` on token ids: mu * scale_factor, [B, Z]."""
-    return self.encoder(ids).mu * self.config.scale_factor
+    """CoDi's `optimus_encode` on token ids: mu * scale_factor, [B, Z] (minus shift_factor
+    first, 0 for the released model)."""
+    return (self.encoder(ids).mu - self.config.shift_factor) * self.config.scale_factor
 
   def decode_logits(self, ids: jax.Array, z: jax.Array) -> jax.Array:
     """Teacher-forced decoder logits [B, T, V] for ids [B, T] given the VAE latent z [B, Z]."""

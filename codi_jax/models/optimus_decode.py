@@ -163,5 +163,8 @@ def generate(model: Optimus, params, z: jax.Array, rng: jax.Array, *, max_length
 
 def codi_generate(model: Optimus, params, z: jax.Array, rng: jax.Array, **kwargs
                   ) -> Generated:
-  """CoDi's `optimus_decode` on diffusion latents: z / scale_factor, then `generate`."""
-  return generate(model, params, jnp.asarray(z) / model.config.scale_factor, rng, **kwargs)
+  """CoDi's `optimus_decode` on diffusion latents: z / scale_factor (+ shift_factor, 0 for the
+  released model), then `generate`."""
+  cfg = model.config
+  return generate(model, params, jnp.asarray(z) / cfg.scale_factor + cfg.shift_factor, rng,
+                  **kwargs)

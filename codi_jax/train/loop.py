@@ -18,6 +18,10 @@ non-finite loss or gradient stops the run with the window of steps it happened i
 never updated by such a step, so no checkpoint holds it. At the end the model (every part the stage
 reads, trained parts from the EMA when `export_ema`) is written to `<workdir>/model`, a
 `codi_jax.checkpoint` folder that `generate`, `sample` and the next stage's `init_from` read.
+The `autoencoders` stage first measures its latents' shift and scale into the exported config
+(`latent_stats`); a part loaded from `init_from` keeps the factors it was exported with. The
+`autoencoders` and `align_encoders` stages end with their quality checks on held-out data
+(`codi_jax.quality.checks`): a table, and `<workdir>/quality.json`.
 """
 
 from __future__ import annotations
@@ -42,15 +46,20 @@ from tqdm import tqdm
 
 from codi_jax import checkpoint
 from codi_jax.io_utils import atomic_write_text
+from codi_jax.quality.checks import STAGE_CHECKS, check_model, format_table
+from codi_jax.quality.checks import as_json as quality_json
 from codi_jax.parallel.mesh import create_mesh
 from codi_jax.train import data as train_data
+from codi_jax.train import latent_stats
 from codi_jax.train.checkpoints import CheckpointStore
 from codi_jax.train.metric_writers import create_writers
 from codi_jax.train.samples import SampleLogger
-from codi_jax.train.state import load_params, merge, param_count
+from codi_jax.train.stages import get_stage
+from codi_jax.train.state import init_sources, load_params, merge, param_count
 from codi_jax.train.step import Trainer, cost_flops
 
 MODEL_DIR = "model"
+QUALITY_FILE = "quality.json"
 PyTree = Any
 
 
@@ -144,6 +153,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, export: bool = Tru
   if primary:
     workdir_path.mkdir(parents=True, exist_ok=True)
   mesh = create_mesh(config.mesh.ici, config.mesh.dcn)
+  # Latent parts loaded from init_from bring their normalisation with them.
+  config = latent_stats.adopt(config, init_sources(config.init_from),
+                              get_stage(config).parts)
   trainer = Trainer(config, mesh)
   stage, total = trainer.stage, int(config.train.steps)
   devices_per_batch = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
@@ -253,13 +265,47 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, export: bool = Tru
   if export and not preempted:
     model_dir = workdir_path / MODEL_DIR
     trained = state.ema_params if config.train.export_ema else state.params
-    export_model(model_dir, merge(trained, frozen), config)
+    params = merge(trained, frozen)
+    config = _calibrate_latents(config, trainer, params, tokenizers, mesh)
+    export_model(model_dir, params, config)
+    if primary and stage.name in STAGE_CHECKS and config.train.quality_examples:
+      _quality_report(model_dir, workdir_path, stage.name, config, tokenizers)
     model_dir = str(model_dir)
   writer.close()
   store.close()
   rate = last_metrics and 1.0 / last_metrics["step_seconds"]
   return Summary(stage.name, start, step, resumed, last_metrics and last_metrics["loss"], rate,
                  model_dir, preempted)
+
+
+def _quality_report(model_dir: pathlib.Path, workdir: pathlib.Path, stage: str,
+                    config: ml_collections.ConfigDict, tokenizers) -> None:
+  """The stage's quality checks on its exported model: printed, and `<workdir>/quality.json`."""
+  t0 = time.perf_counter()
+  checks = check_model(str(model_dir), [stage], num_examples=int(config.train.quality_examples),
+                       tokenizers=tokenizers)
+  atomic_write_text(workdir / QUALITY_FILE, json.dumps(quality_json(checks), indent=2))
+  print(f"{stage} quality ({config.train.quality_examples} held-out examples, "
+        f"{time.perf_counter() - t0:.0f} s):\n{format_table(checks)}", flush=True)
+
+
+def _calibrate_latents(config, trainer: Trainer, params, tokenizers, mesh
+                       ) -> ml_collections.ConfigDict:
+  """After the autoencoders stage: the trained latent parts' shift and scale, measured on
+  `config.train.latent_stats_examples` training examples (`latent_stats`), into the config the
+  model is exported with."""
+  parts = [p for p in trainer.stage.parts if p in latent_stats.LATENT_PARTS]
+  if trainer.stage.name != "autoencoders" or not parts:
+    return config
+  modalities = sorted({m for phase in trainer.stage.phases for m in phase.modalities})
+  iterator = iter(train_data.build(config, modalities, seed=config.seed + len(modalities)))
+  count = -(-int(config.train.latent_stats_examples) // int(config.train.batch_size))
+  batches = (_next_batch(iterator, tokenizers, config, mesh) for _ in range(count))
+  stats = latent_stats.measure(trainer.models, params, batches, parts)
+  for part, values in stats.items():
+    logging.info("latent statistics of %s: shift %.4g, scale %.4g", part,
+                 values["shift_factor"], values["scale_factor"])
+  return latent_stats.calibrate(config, stats)
 
 
 def _abstract(state) -> Any:

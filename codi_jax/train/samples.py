@@ -247,9 +247,8 @@ class SampleLogger:
       cond = objectives.condition_token(models, params, batch, condition)[:, None]  # [N, 1, D]
       null = objectives.null_token(models, params, batch, null_modality)  # [D]
       # The latents training diffuses, by shape only (eval_shape computes nothing).
-      keys = objectives.row_keys(self._key(_NOISE), batch["index"])
-      shapes = {m: jax.eval_shape(lambda p, b, k, m=m: objectives.latent(models, p, b, m, k),
-                                  params, batch, keys).shape for m in phase.outputs}
+      shapes = {m: jax.eval_shape(lambda p, b, m=m: objectives.latent(models, p, b, m),
+                                  params, batch).shape for m in phase.outputs}
       x_T = initial_noise(self._key(_NOISE), shapes)
       latents = sampler(params["diffusers"], x_T, cond, jnp.broadcast_to(null, cond.shape),
                         guidance).samples

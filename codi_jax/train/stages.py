@@ -1,8 +1,9 @@
 """CoDi's training stages (DESIGN.md "Training stages"): what each trains, freezes, reads and
 minimises.
 
-  autoencoders     image KL-VAE, audio mel VAE, HiFi-GAN vocoder, Optimus text VAE (each on its own
-                   modality; `config.train.autoencoders` picks which)
+  autoencoders     image KL-VAE, audio mel VAE, HiFi-GAN vocoder, Optimus text VAE, one after the
+                   other, each on its own modality (`config.train.autoencoders` picks which and
+                   their shares of the steps, e.g. "autokl:2,optimus:3")
   align_encoders   "bridging alignment": CLIP vision (image and video) and CLAP are trained
                    contrastively into the CLIP text space (text is the bridge). The text tower
                    stays frozen when it is pretrained (`config.train.align_text_encoder=False`,
@@ -42,7 +43,6 @@ PyTree = Any
 Path = tuple[str, ...]
 Selector = Callable[[str, Path], bool]
 
-AUTOENCODERS = ("autokl", "audioldm_vae", "hifigan_vocoder", "optimus")
 CONNECTORS = frozenset(("connecters_out", "input_block_connecters_in",
                         "output_block_connecters_in"))
 # Children of the video architecture's SpatioTemporalAttention (`_VideoRes` child "1").
@@ -77,6 +77,10 @@ class Phase:
   # The condition (diffusion stages) or pair (latent alignment).
   outputs: tuple[Modality, ...] = ()
   condition: Modality | None = None
+  share: int = 1  # the phase's share of the stage's steps
+  # The one part this phase trains, if so: its learning rate then warms up and decays over the
+  # phase's steps, not the stage's.
+  part: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,14 +92,26 @@ class Stage:
   loss: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
   description: str
 
-  def phase_at(self, step: int, total_steps: int) -> int:
-    """Index of the phase step `step` belongs to: the steps are split evenly, in order."""
-    n = len(self.phases)
-    return min(n - 1, step * n // max(total_steps, 1))
+  def phase_starts(self, total_steps: int) -> list[int]:
+    """The first step of each phase, then total_steps: the steps are split in order, in
+    proportion to the phases' shares (phase i starts at ceil(total * shares before i / all))."""
+    shares = [p.share for p in self.phases]
+    whole, done, starts = sum(shares), 0, []
+    for share in shares:
+      starts.append(-(-done * total_steps // whole))
+      done += share
+    return starts + [total_steps]
 
-  def phase_start(self, phase: int, total_steps: int) -> int:
-    n = len(self.phases)
-    return -(-phase * total_steps // n)
+  def phase_at(self, step: int, total_steps: int) -> int:
+    """Index of the phase step `step` belongs to."""
+    starts = self.phase_starts(max(total_steps, 1))
+    return max(i for i in range(len(self.phases)) if starts[i] <= step)
+
+  def part_spans(self, total_steps: int) -> dict[str, tuple[int, int]]:
+    """{part: (first step, steps)} of the phases that train one part (`Phase.part`)."""
+    starts = self.phase_starts(total_steps)
+    return {p.part: (starts[i], starts[i + 1] - starts[i])
+            for i, p in enumerate(self.phases) if p.part}
 
 
 _ALL: Selector = lambda part, path: True
@@ -103,31 +119,46 @@ _ALL: Selector = lambda part, path: True
 
 # --- losses per stage ---------------------------------------------------------------------------
 
-def _autoencoders_loss(phase: Phase, models: obj.Models, params, batch, keys, config):
+def _vae_options(t: ml_collections.ConfigDict) -> dict:
+  return dict(sample_posterior=t.vae_sample_posterior, l2_weight=t.vae_l2_weight,
+              contrast_weight=t.vae_contrast_weight)
+
+
+def _image_vae_loss(models: obj.Models, params, batch, keys, config):
+  return obj.vae_loss(models.image_vae, params["autokl"], batch["image"], keys,
+                      config.train.kl_weight, **_vae_options(config.train))
+
+
+def _audio_vae_loss(models: obj.Models, params, batch, keys, config):
+  fbank = obj.wav_to_fbank(batch["audio"], obj.audio_frames(config.data.audio_samples))
+  return obj.vae_loss(models.audio_vae, params["audioldm_vae"], fbank[..., None], keys,
+                      config.train.kl_weight, **_vae_options(config.train))
+
+
+def _vocoder_loss(models: obj.Models, params, batch, keys, config):
+  return obj.vocoder_loss(models.vocoder, params["hifigan_vocoder"], batch["audio"],
+                          obj.audio_frames(config.data.audio_samples))
+
+
+def _optimus_loss(models: obj.Models, params, batch, keys, config):
   t = config.train
-  chosen = _autoencoder_parts(config)
-  terms, metrics = [], {}
-  frames = obj.audio_frames(config.data.audio_samples)
-  if "autokl" in chosen:
-    loss, m = obj.vae_loss(models.image_vae, params["autokl"], batch["image"], keys, t.kl_weight)
-    terms.append(loss)
-    metrics.update({f"image_vae/{k}": v for k, v in m.items()})
-  if "audioldm_vae" in chosen:
-    fbank = obj.wav_to_fbank(batch["audio"], frames)[..., None]
-    loss, m = obj.vae_loss(models.audio_vae, params["audioldm_vae"], fbank,
-                           obj._stream(keys, 7), t.kl_weight)
-    terms.append(loss)
-    metrics.update({f"audio_vae/{k}": v for k, v in m.items()})
-  if "hifigan_vocoder" in chosen:
-    loss, m = obj.vocoder_loss(models.vocoder, params["hifigan_vocoder"], batch["audio"], frames)
-    terms.append(loss)
-    metrics.update({f"vocoder/{k}": v for k, v in m.items()})
-  if "optimus" in chosen:
-    loss, m = obj.optimus_loss(models.optimus, params["optimus"], batch["bert_ids"],
-                               batch["gpt2_ids"], keys, t.optimus_beta, t.optimus_free_bits)
-    terms.append(loss)
-    metrics.update({f"optimus/{k}": v for k, v in m.items()})
-  return sum(terms), metrics
+  return obj.optimus_loss(models.optimus, params["optimus"], batch["bert_ids"], batch["gpt2_ids"],
+                          keys, t.optimus_beta, t.optimus_free_bits, **obj.optimus_options(t))
+
+
+# Autoencoder part -> (its loss, the modality it reads). The `autoencoders` stage trains them one
+# phase each (a phase is named after its part), so every part has its own step budget.
+AUTOENCODERS = {
+    "autokl": (_image_vae_loss, Modality.IMAGE),
+    "audioldm_vae": (_audio_vae_loss, Modality.AUDIO),
+    "hifigan_vocoder": (_vocoder_loss, Modality.AUDIO),
+    "optimus": (_optimus_loss, Modality.TEXT),
+}
+
+
+def _autoencoders_loss(phase: Phase, models: obj.Models, params, batch, keys, config):
+  loss, metrics = AUTOENCODERS[phase.name][0](models, params, batch, keys, config)
+  return loss, {f"{phase.name}/{k}": v for k, v in metrics.items()}
 
 
 def _align_loss(phase: Phase, models: obj.Models, params, batch, keys, config):
@@ -155,7 +186,7 @@ def _context(models, params, batch, keys, config, condition: Modality) -> jax.Ar
 def _diffuse_loss(phase: Phase, models: obj.Models, params, batch, keys, config):
   out = phase.outputs[0]
   frozen = jax.lax.stop_gradient
-  x0 = frozen(obj.latent(models, params, batch, out, keys))
+  x0 = frozen(obj.latent(models, params, batch, out))
   context = frozen(_context(models, params, batch, keys, config, phase.condition))
   loss, _ = obj.diffusion_loss(models, params["diffusers"], {out: x0}, context, keys,
                                ScheduleConfig(**config.diffusion))
@@ -164,8 +195,7 @@ def _diffuse_loss(phase: Phase, models: obj.Models, params, batch, keys, config)
 
 def _latent_align_loss(phase: Phase, models: obj.Models, params, batch, keys, config):
   frozen = jax.lax.stop_gradient
-  x0 = {m: frozen(obj.latent(models, params, batch, m, obj._stream(keys, 20 + i)))
-        for i, m in enumerate(phase.outputs)}
+  x0 = {m: frozen(obj.latent(models, params, batch, m)) for m in phase.outputs}
   tokens = [frozen(obj.condition_token(models, params, batch, m)) for m in phase.outputs]
   null = frozen(obj.null_token(models, params, batch, Modality.TEXT))
   context = obj.choose_conditions(tokens, null, keys, config.train.cond_dropout)[:, None]
@@ -184,22 +214,35 @@ def _latent_align_loss(phase: Phase, models: obj.Models, params, batch, keys, co
 
 # --- the table --------------------------------------------------------------------------------
 
-def _choices(config: ml_collections.ConfigDict, field: str, allowed) -> tuple[str, ...]:
-  """A non-empty comma-separated list of `config.train.<field>`, each in `allowed`."""
+def _shares(config: ml_collections.ConfigDict, field: str, allowed) -> dict[str, int]:
+  """`config.train.<field>` as {name: share}: comma-separated names from `allowed`, each
+  optionally `name:share` with a positive integer share (default 1)."""
   value = config.train[field]
-  chosen = tuple(p.strip() for p in str(value).split(",") if p.strip())
-  if not chosen or any(p not in allowed for p in chosen):
-    raise ValueError(f"config.train.{field}: choose a non-empty comma-separated subset of "
-                     f"{list(allowed)}, got {value!r}")
-  return chosen
+  error = ValueError(f"config.train.{field}: choose a non-empty comma-separated subset of "
+                     f"{list(allowed)}, each optionally with :N (its share of the steps), "
+                     f"got {value!r}")
+  out = {}
+  for item in (p.strip() for p in str(value).split(",") if p.strip()):
+    name, sep, share = item.partition(":")
+    if name.strip() not in allowed or name.strip() in out:
+      raise error
+    try:
+      out[name.strip()] = int(share) if sep else 1
+    except ValueError:
+      raise error from None
+    if out[name.strip()] < 1:
+      raise error
+  if not out:
+    raise error
+  return out
 
 
-def _autoencoder_parts(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  return _choices(config, "autoencoders", AUTOENCODERS)
+def _autoencoder_parts(config: ml_collections.ConfigDict) -> dict[str, int]:
+  return _shares(config, "autoencoders", AUTOENCODERS)
 
 
-def _latent_align_pairs(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  return _choices(config, "latent_align_pairs", PAIRS)
+def _latent_align_pairs(config: ml_collections.ConfigDict) -> dict[str, int]:
+  return _shares(config, "latent_align_pairs", PAIRS)
 
 
 def _branches_of(modalities) -> frozenset[str]:
@@ -226,14 +269,13 @@ def get_stage(config: ml_collections.ConfigDict) -> Stage:
   """The stage `config.stage` names, with its phases for this config."""
   name = config.stage
   if name == "autoencoders":
-    parts = _autoencoder_parts(config)
-    needs = set()
-    for p in parts:
-      needs |= {"autokl": {Modality.IMAGE}, "audioldm_vae": {Modality.AUDIO},
-                "hifigan_vocoder": {Modality.AUDIO}, "optimus": {Modality.TEXT}}[p]
-    phase = Phase("autoencoders", tuple(sorted(needs)), _ALL)
-    return Stage(name, parts, lambda part, path: part in parts, (phase,), _autoencoders_loss,
-                 "image VAE, audio VAE, vocoder and Optimus reconstruction")
+    shares = _autoencoder_parts(config)
+    parts = tuple(shares)
+    phases = tuple(Phase(part, (AUTOENCODERS[part][1],),
+                         (lambda part: lambda p, path: p == part)(part), share=share, part=part)
+                   for part, share in shares.items())
+    return Stage(name, parts, lambda part, path: part in parts, phases, _autoencoders_loss,
+                 "image VAE, audio VAE, vocoder and Optimus reconstruction, one phase each")
   if name == "align_encoders":
     clip_trees = ("vision_model", "visual_projection", "logit_scale") + (
         ("text_model", "text_projection") if config.train.align_text_encoder else ())
@@ -257,11 +299,11 @@ def get_stage(config: ml_collections.ConfigDict) -> Stage:
     return _diffuse(name, Modality.TEXT, Modality.IMAGE, "text diffuser, image-conditioned")
   if name == "latent_align":
     phases = []
-    for pair in _latent_align_pairs(config):
+    for pair, share in _latent_align_pairs(config).items():
       mods = PAIRS[pair]
       branches = _branches_of(mods)
       updates = (lambda branches: lambda part, path: path[0] in branches)(branches)
-      phases.append(Phase(f"latent_align_{pair}", mods, updates, outputs=mods))
+      phases.append(Phase(f"latent_align_{pair}", mods, updates, outputs=mods, share=share))
     trainable = lambda part, path: part == "diffusers" and is_connector(path)
     return Stage(name, ("diffusers", "autokl", "audioldm_vae", "optimus", "clip", "clap"),
                  trainable, tuple(phases), _latent_align_loss,

@@ -24,6 +24,7 @@ import flax.linen as nn
 import flax.struct
 import flax.traverse_util
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -158,25 +159,66 @@ def load_params(config: ml_collections.ConfigDict, parts: Sequence[str], mesh: M
 
 # --- optimiser ------------------------------------------------------------------------------------
 
-def learning_rate_schedule(t: ml_collections.ConfigDict) -> optax.Schedule:
+def learning_rate_schedule(t: ml_collections.ConfigDict, peak: float | None = None,
+                           span: tuple[int, int] | None = None) -> optax.Schedule:
+  """Warm-up to `peak` (default `t.learning_rate`), then constant or cosine decay, over the
+  stage's steps or over `span` = (first step, steps) (zero before it)."""
+  peak = t.learning_rate if peak is None else peak
+  start, steps = span or (0, int(t.steps))
   warmup = int(t.warmup_steps)
   if t.decay == "constant":
-    return optax.join_schedules([optax.linear_schedule(0.0, t.learning_rate, max(warmup, 1)),
-                                 optax.constant_schedule(t.learning_rate)], [warmup])
-  if t.decay == "cosine":
-    return optax.warmup_cosine_decay_schedule(
-        0.0, t.learning_rate, warmup, max(int(t.steps), warmup + 1),
-        end_value=t.learning_rate * t.end_learning_rate_fraction)
-  raise ValueError(f"config.train.decay must be 'cosine' or 'constant', got {t.decay!r}")
+    base = optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup, 1)),
+                                 optax.constant_schedule(peak)], [warmup])
+  elif t.decay == "cosine":
+    base = optax.warmup_cosine_decay_schedule(
+        0.0, peak, warmup, max(steps, warmup + 1), end_value=peak * t.end_learning_rate_fraction)
+  else:
+    raise ValueError(f"config.train.decay must be 'cosine' or 'constant', got {t.decay!r}")
+  if not start:
+    return base
+  return lambda count: jnp.where(count < start, 0.0, base(count - start))
 
 
-def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Global-norm clipping, then AdamW (no weight decay on biases, norms and other 1-D leaves)."""
+def part_learning_rates(t: ml_collections.ConfigDict) -> dict[str, float]:
+  """`config.train.part_learning_rates` ("optimus=3e-3,autokl=2e-3") as {part: peak rate}."""
+  out = {}
+  for item in (p.strip() for p in str(t.part_learning_rates).split(",") if p.strip()):
+    part, sep, value = item.partition("=")
+    try:
+      out[part.strip()] = float(value)
+    except ValueError:
+      sep = ""
+    if not sep or not out[part.strip()] > 0:
+      raise ValueError(f"config.train.part_learning_rates: expected part=rate items with a "
+                       f"positive rate, got {item!r}")
+  return out
+
+
+def make_optimizer(t: ml_collections.ConfigDict, parts: Sequence[str],
+                   spans: Mapping[str, tuple[int, int]] | None = None
+                   ) -> optax.GradientTransformation:
+  """Per part: global-norm clipping of that part's gradient, then AdamW at the part's learning
+  rate (no weight decay on biases, norms and other 1-D leaves). Parts are clipped apart so that
+  one part's large gradient (a VAE's) does not shrink another's (Optimus') update. A part with a
+  span (first step, steps) has its schedule over that span (a phase that trains it alone)."""
+  rates = part_learning_rates(t)
+  unknown = sorted(set(rates) - set(parts))
+  if unknown:
+    raise ValueError(f"config.train.part_learning_rates names {unknown}, which this stage does "
+                     f"not read (it reads {list(parts)})")
   decay_mask = lambda params: jax.tree_util.tree_map(lambda x: x.ndim > 1, params)
-  return optax.chain(
-      optax.clip_by_global_norm(t.grad_clip),
-      optax.adamw(learning_rate_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps,
-                  weight_decay=t.weight_decay, mask=decay_mask))
+
+  def one(part: str) -> optax.GradientTransformation:
+    schedule = learning_rate_schedule(t, rates.get(part, t.learning_rate),
+                                      (spans or {}).get(part))
+    return optax.chain(
+        optax.clip_by_global_norm(t.grad_clip),
+        optax.adamw(schedule, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay,
+                    mask=decay_mask))
+
+  labels = lambda params: {p: jax.tree_util.tree_map(lambda _: p, leaves)
+                           for p, leaves in params.items()}
+  return optax.multi_transform({p: one(p) for p in parts}, labels)
 
 
 def state_sharding_like(abstract: TrainState, param_shardings: Flat) -> TrainState:

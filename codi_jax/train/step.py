@@ -28,7 +28,7 @@ from codi_jax.parallel.sharding import logical_to_spec, unbox
 from codi_jax.train import objectives, stages
 from codi_jax.train.state import (Flat, TrainState, abstract_part, leaf_sharding,
                                   learning_rate_schedule, make_optimizer, merge,
-                                  state_sharding_like)
+                                  part_learning_rates, state_sharding_like)
 
 PyTree = Any
 
@@ -68,7 +68,8 @@ class Trainer:
     self.rules = config.sharding_rules
     self.stage = stages.get_stage(config)
     self.models = objectives.Models.from_config(config.model)
-    self.optimizer = make_optimizer(config.train)
+    self.optimizer = make_optimizer(config.train, self.stage.parts,
+                                    self.stage.part_spans(int(config.train.steps)))
     self._abstract = {p: abstract_part(config.model, p) for p in self.stage.parts}
     batch = int(config.train.batch_size)
     spec = logical_to_spec(("batch",), (batch,), self.rules, mesh)
@@ -130,7 +131,10 @@ class Trainer:
 
   def _step_fn(self, phase: stages.Phase, mask, null_ids: np.ndarray):
     config, stage, models, optimizer = self.config, self.stage, self.models, self.optimizer
-    schedule = learning_rate_schedule(config.train)
+    t = config.train
+    # The logged rate: the phase's own part's when it trains one part, else the stage's.
+    schedule = learning_rate_schedule(t, part_learning_rates(t).get(phase.part),
+                                      stage.part_spans(int(t.steps)).get(phase.part))
 
     def masked(tree):
       if mask is None:

@@ -93,7 +93,7 @@ def test_diffuse_image_run_writes_image_samples_and_trains_as_without(random_mod
     decoded = pngs(blob_list)
     assert len(decoded) == 3
     for image in decoded:
-      assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+      assert image.shape == (32, 32, 3) and image.dtype == np.uint8
       assert image.std() > 1.0  # decoded noise from random weights, not a blank
   # Conditioned on the first validation captions, the same at every sampling step.
   captions = samples.validation_examples(config, (Modality.IMAGE, Modality.TEXT), 3)["text"]

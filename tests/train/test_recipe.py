@@ -1,0 +1,133 @@
+"""The from-scratch recipe's mechanics: phase shares, per-part optimisation, latent statistics."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from codi_jax import components
+from codi_jax.models import autoencoder
+from codi_jax.train import latent_stats, stages
+from codi_jax.train.state import learning_rate_schedule, make_optimizer
+from configs.codi import get_config
+
+
+def _phases(stage, total):
+  return [stage.phase_at(step, total) for step in range(total)]
+
+
+def test_phases_split_the_steps_by_their_shares():
+  config = get_config("tiny")
+  config.stage = "autoencoders"
+  config.train.autoencoders = "autokl:2,optimus"
+  stage = stages.get_stage(config)
+  assert [p.name for p in stage.phases] == ["autokl", "optimus"]
+  assert _phases(stage, 9) == [0] * 6 + [1] * 3
+  # Each part's learning rate warms up and decays over its own phase.
+  assert stage.part_spans(9) == {"autokl": (0, 6), "optimus": (6, 3)}
+  t = config.train
+  t.update(steps=9, warmup_steps=1, decay="cosine", end_learning_rate_fraction=0.1)
+  rate = learning_rate_schedule(t, 1.0, (6, 3))
+  np.testing.assert_allclose([float(rate(s)) for s in (0, 5, 6, 7, 8)], [0, 0, 0, 1, 0.55],
+                             atol=1e-6)
+  # Each phase moves only its own part and reads only its modality.
+  assert stage.phases[1].updates("optimus", ("x",)) and not stage.phases[1].updates("autokl", ())
+  assert [m.value for m in stage.phases[0].modalities] == ["image"]
+  # Equal shares keep the even split: phase i starts at ceil(i * total / n).
+  config.stage = "latent_align"
+  stage = stages.get_stage(config)
+  assert _phases(stage, 10) == [0] * 4 + [1] * 3 + [2] * 3
+  assert _phases(stage, 2) == [0, 1]
+
+
+@pytest.mark.parametrize("value", ["", "autokl:0", "autokl:x", "vae", "autokl,autokl"])
+def test_bad_shares_are_refused(value):
+  config = get_config("tiny")
+  config.stage = "autoencoders"
+  config.train.autoencoders = value
+  with pytest.raises(ValueError, match="config.train.autoencoders"):
+    stages.get_stage(config)
+
+
+def test_each_part_is_clipped_and_stepped_on_its_own():
+  t = get_config("tiny").train
+  t.update(grad_clip=1.0, learning_rate=0.1, warmup_steps=0, decay="constant", weight_decay=0.0,
+           part_learning_rates="b=0.01")
+  params = {"a": {"w": jnp.zeros(3)}, "b": {"w": jnp.zeros(3)}}
+  grads = {"a": {"w": jnp.full(3, 1e6)}, "b": {"w": jnp.array([0.3, 0.0, 0.0])}}
+  opt = make_optimizer(t, ("a", "b"))
+  updates, _ = opt.update(grads, opt.init(params), params)
+  alone = make_optimizer(t, ("b",))
+  b_alone, _ = alone.update({"b": grads["b"]}, alone.init({"b": params["b"]}), {"b": params["b"]})
+  # b's update does not feel a's huge gradient, and takes b's own rate (Adam's first step is
+  # -lr * sign).
+  np.testing.assert_allclose(updates["b"]["w"], b_alone["b"]["w"])
+  np.testing.assert_allclose(updates["b"]["w"][0], -0.01, rtol=1e-4)
+  np.testing.assert_allclose(updates["a"]["w"], -0.1, rtol=1e-4)
+  t.part_learning_rates = "c=0.1"
+  with pytest.raises(ValueError, match="names \\['c'\\]"):
+    make_optimizer(t, ("a", "b"))
+  t.part_learning_rates = "a=fast"
+  with pytest.raises(ValueError, match="part=rate"):
+    make_optimizer(t, ("a", "b"))
+
+
+def test_latent_statistics_are_exact_whatever_the_batching(monkeypatch):
+  rng = np.random.default_rng(0)
+  z = rng.normal(3.0, 0.5, size=(37, 4, 4, 2)).astype(np.float32)
+  monkeypatch.setattr(latent_stats, "_unscaled", lambda models, params, batch, part: batch["z"])
+  for cuts in ([37], [5, 32], [1, 17, 19]):
+    edges = np.cumsum([0] + cuts)
+    batches = [{"z": jnp.asarray(z[a:b])} for a, b in zip(edges[:-1], edges[1:])]
+    stats = latent_stats.measure(None, {}, batches, ["autokl"])["autokl"]
+    np.testing.assert_allclose(stats["shift_factor"], z.astype(np.float64).mean(), rtol=1e-6)
+    np.testing.assert_allclose(1.0 / stats["scale_factor"], z.astype(np.float64).std(),
+                               rtol=1e-5)
+  # The calibrated latent of these data has mean 0 and std 1.
+  config = latent_stats.calibrate(get_config("tiny"), {"autokl": stats})
+  vae = components.image_vae_config(config.model)
+  scaled = np.asarray(autoencoder.scale_latent(vae, z), np.float64)
+  np.testing.assert_allclose([scaled.mean(), scaled.std()], [0.0, 1.0], atol=1e-5)
+  np.testing.assert_allclose(autoencoder.unscale_latent(vae, scaled), z, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="constant"):
+    latent_stats.measure(None, {}, [{"z": jnp.ones((4, 2))}], ["autokl"])
+  with pytest.raises(ValueError, match="no latent statistics"):
+    latent_stats.measure(None, {}, [], ["clip"])
+
+
+def test_parts_bring_their_statistics_from_init_from(tmp_path):
+  def model(name, parts, shift):
+    d = tmp_path / name
+    for p in parts:
+      (d / p).mkdir(parents=True)
+    config = get_config("tiny")
+    for field in ("image_vae", "optimus"):
+      config.model[field].shift_factor = shift
+      config.model[field].scale_factor = 10.0 + shift
+    (d / "config.json").write_text(config.to_json())
+    return d
+
+  first, second = model("a", ["autokl", "optimus"], 1.0), model("b", ["optimus"], 2.0)
+  config = latent_stats.adopt(get_config("tiny"), [first, second],
+                              ["autokl", "optimus", "diffusers"])
+  assert (config.model.image_vae.shift_factor, config.model.image_vae.scale_factor) == (1.0, 11.0)
+  assert (config.model.optimus.shift_factor, config.model.optimus.scale_factor) == (2.0, 12.0)
+  # A part the stage does not load keeps the preset's factors.
+  config = latent_stats.adopt(get_config("tiny"), [first], ["optimus"])
+  assert config.model.image_vae.scale_factor == 0.18215
+  assert json.loads((first / "config.json").read_text())["model"]["image_vae"]["shift_factor"] == 1
+
+
+def test_the_released_constants_are_untouched():
+  model = get_config("full").model
+  assert (model.image_vae.scale_factor, model.audio_vae.scale_factor,
+          model.optimus.scale_factor) == (0.18215, 0.9228, 4.3108)
+  assert model.image_vae.shift_factor == model.audio_vae.shift_factor == 0.0
+  assert model.optimus.shift_factor == 0.0
+  # With shift 0 the diffusion latent is bit for bit the original's scale * z.
+  z = jax.random.normal(jax.random.key(0), (2, 4, 4, 4))
+  vae = components.image_vae_config(model)
+  np.testing.assert_array_equal(autoencoder.scale_latent(vae, z), 0.18215 * z)
+  np.testing.assert_array_equal(autoencoder.unscale_latent(vae, z), z / 0.18215)
