@@ -168,7 +168,13 @@ class FeedForwardIn(nn.Module):
 
 
 class FeedForwardOut(nn.Module):
-  """`Sequential(ChanLayerNorm, 1x1 conv)`: children `0` (gain `g`) and `1`; shared with CLIP."""
+  """`Sequential(ChanLayerNorm, 1x1 conv)`: children `0` (gain `g`) and `1`; shared with CLIP.
+
+  The conv starts at zero, as in the original's CLIP copy (`clip_modules/modules_video.py` L101),
+  so the residual feed-forward starts as the identity. The UNet copy
+  (`latent_diffusion/modules_video.py` L96-105) keeps torch's default init there; with it, fresh
+  video layers perturb every ResBlock output of a trained image diffuser, so both copies use zero.
+  """
 
   features: int
   dtype: Dtype = jnp.float32
@@ -176,7 +182,8 @@ class FeedForwardOut(nn.Module):
   @nn.compact
   def __call__(self, h: jax.Array) -> jax.Array:  # h float32 [..., I]
     h = _ChanLayerNorm(name="0")(h)
-    return dense(self.features, ("mlp", "embed"), name="1", dtype=self.dtype, use_bias=False)(h)
+    return dense(self.features, ("mlp", "embed"), name="1", dtype=self.dtype, use_bias=False,
+                 zero_init=True)(h)
 
 
 class _ChanLayerNorm(nn.Module):
