@@ -39,10 +39,13 @@ TOKENIZERS = flags.DEFINE_string("tokenizers", None, common.TOKENIZERS_HELP)
 
 # Per stage: its steps and the `config.train` fields it sets beside them (sized so the whole demo,
 # compiles included, stays within ~25 minutes on 2 CPU cores; benchmarks/RESULTS.md has the
-# measured times and what the model reaches). Contrastive alignment needs a batch where the
-# negatives differ in more than one attribute.
+# measured times and what the model reaches). The image VAE weighs the object's pixels up
+# (`vae_contrast_weight`: the demo's data is always the synthetic set, one small object on a
+# plain background) and gets half of the autoencoders' steps. Contrastive alignment needs a batch
+# where the negatives differ in more than one attribute.
 DEMO_STAGES = {
-    "autoencoders": dict(steps=150, batch_size=16),
+    "autoencoders": dict(steps=600, batch_size=16, autoencoders="autokl:2,audioldm_vae,optimus",
+                         part_learning_rates="autokl=3e-3", vae_contrast_weight=10.0),
     "align_encoders": dict(steps=300, batch_size=128),
     "diffuse_image": dict(steps=800),
     "diffuse_video": dict(steps=100),

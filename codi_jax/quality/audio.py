@@ -29,6 +29,7 @@ from codi_jax.data import analyzers
 from codi_jax.data import synthetic as syn
 from codi_jax.modality import Modality
 from codi_jax.models import autoencoder, vocoder
+from codi_jax.train.objectives import audio_frames
 
 PyTree = Any
 # wave [B, S] float32 -> wave [B, L] float32 (jit-able).
@@ -38,15 +39,6 @@ ATTRIBUTES = analyzers.ATTRIBUTES_BY_MODALITY[Modality.AUDIO]  # pitch, timbre, 
 ATTRIBUTE_BAR = 0.9
 READABLE_BAR = 0.98
 BATCH = 16  # clips per compiled call (the last batch is padded)
-
-
-def mel_frames(num_samples: int) -> int:
-  """Log-mel frames of a clip of `num_samples` 16 kHz samples, as training computes them
-  (`objectives.audio_frames`: AudioLDM's int(seconds * 102.4))."""
-  frames = num_samples * 16 // 2500
-  if frames < 1:
-    raise ValueError(f"a clip of {num_samples} samples has no log-mel frames")
-  return frames
 
 
 def _decode(config: Mapping, params: Mapping[str, PyTree]) -> Callable[[jax.Array], jax.Array]:
@@ -65,7 +57,7 @@ def _decode(config: Mapping, params: Mapping[str, PyTree]) -> Callable[[jax.Arra
 def true_mel_transform(config: Mapping, params: Mapping[str, PyTree]) -> Transform:
   """wave [B, S] -> its log-mel -> the audio decoder -> wave [B, L]."""
   decode = _decode(config, params)
-  return lambda wave: decode(wav_to_fbank(wave, mel_frames(wave.shape[1])))
+  return lambda wave: decode(wav_to_fbank(wave, audio_frames(wave.shape[1])))
 
 
 def round_trip_transform(config: Mapping, params: Mapping[str, PyTree]) -> Transform:
@@ -75,7 +67,7 @@ def round_trip_transform(config: Mapping, params: Mapping[str, PyTree]) -> Trans
   variables = {"params": params["audioldm_vae"]}
 
   def transform(wave: jax.Array) -> jax.Array:
-    fbank = wav_to_fbank(wave, mel_frames(wave.shape[1]))[..., None]  # [B, T, M, 1]
+    fbank = wav_to_fbank(wave, audio_frames(wave.shape[1]))[..., None]  # [B, T, M, 1]
     posterior = vae.apply(variables, fbank, method=autoencoder.AutoencoderKL.encode)
     mel = vae.apply(variables, posterior.mean, method=autoencoder.AutoencoderKL.decode)
     return decode(mel[..., 0])
