@@ -37,8 +37,8 @@ def setup():
 
 def test_config_from_run_and_errors():
   config = cache.cache_config_from(get_config("tiny"))
-  # tiny: 8x8 image latents through the f8 VAE, 4 frames, 16 audio latent frames through f4.
-  assert (config.image_size, config.num_frames, config.audio_frames) == (64, 4, 64)
+  # tiny: 8x8 image latents through the f4 VAE, 4 frames, 16 audio latent frames through f4.
+  assert (config.image_size, config.num_frames, config.audio_frames) == (32, 4, 64)
   assert fbank_frames(config.audio_time) == config.audio_frames
   with pytest.raises(ValueError, match="batch_size must be positive"):
     cache.CacheConfig(batch_size=0)
@@ -91,7 +91,7 @@ def test_cached_features_equal_direct_encoder_outputs(setup, tmp_path):
         audio_token=clap_encode_audio(params["clap"], wave[:, None],
                                       encoders.clap_config)[:, 0])
     assert set(got) == set(expected) | {"key", "source", "caption"}
-    assert got["image_latent"].shape == (SIZE // 8, SIZE // 8, 4)
+    assert got["image_latent"].shape == (SIZE // 4, SIZE // 4, 4)
     assert got["audio_latent"].shape == (AUDIO_FRAMES // 4, 16, 8)
     for name, want in expected.items():
       # Bound atol + rtol * max|want| as in the parity checks: the batch of 2 rounds differently
@@ -186,7 +186,7 @@ def test_read_cache_errors(tmp_path):
 
 def test_cache_command_end_to_end_and_resume(tmp_path):
   args = [sys.executable, "-m", "codi_jax.cli", "cache", "--config", "configs/codi.py:tiny",
-          "--config.sample.image_latent_size=4", "--config.sample.audio_latent_frames=8",
+          "--config.sample.image_latent_size=8", "--config.sample.audio_latent_frames=8",
           "--source", "synthetic", "--split", "validation", "--limit", "3", "--shard_size", "2",
           "--batch_size", "2", "--store_dtype", "float16", "--out", str(tmp_path)]
   run = lambda: subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -198,7 +198,7 @@ def test_cache_command_end_to_end_and_resume(tmp_path):
   keys = sorted(str(cached[i]["key"]) for i in range(len(cached)))
   want = synthetic.SyntheticConfig(image_size=32)
   assert keys == sorted(synthetic.generate(want, "validation", i).key for i in range(3))
-  assert cached[0]["image_latent"].shape == (4, 4, 4)
+  assert cached[0]["image_latent"].shape == (8, 8, 4)
   assert cached[0]["image_latent"].dtype == np.float16
   spec = json.loads((tmp_path / cache.SPEC_FILE).read_text())
   assert spec["cache_config"]["image_size"] == 32 and spec["encoder_weights"] == "random"
@@ -213,7 +213,7 @@ def test_cache_command_uses_checkpoint_weights(setup, tmp_path):
   ckpt = tmp_path / "ckpt"
   checkpoint.save_model(ckpt, checkpoint.random_params(run.model, 7, cache.ENCODERS), run)
   args = [sys.executable, "-m", "codi_jax.cli", "cache", "--config", "configs/codi.py:tiny",
-          "--config.sample.image_latent_size=4", "--config.sample.audio_latent_frames=8",
+          "--config.sample.image_latent_size=8", "--config.sample.audio_latent_frames=8",
           "--source", "synthetic", "--split", "validation", "--limit", "2", "--shard_size", "2",
           "--batch_size", "2", "--ckpt", str(ckpt), "--out", str(tmp_path / "cache")]
   proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
