@@ -15,7 +15,7 @@ decoded text (special tokens dropped, outer spaces stripped, no further clean-up
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
