@@ -119,7 +119,7 @@ def planner(workspace):
      "weight is given for audio, which is not an input"),
     ('{"inputs": {"text": " "}, "outputs": ["image"]}', "text input must be a non-empty string"),
     ('{"inputs": {"image": 5}, "outputs": ["image"]}', "image input must be a file path"),
-    ('{"inputs": {"text": "a"}, "outputs": ["image"], "image_size": 40}', "multiple of 16"),
+    ('{"inputs": {"text": "a"}, "outputs": ["image"], "image_size": 36}', "multiple of 8"),
     ('{"inputs": {"text": "a"}, "outputs": ["image"], "guidance_scale": "high"}',
      "guidance_scale must be a finite number"),
     ('{"inputs": {"text": "a"}, "outputs": ["image"], "alignment": "sideways"}',
@@ -173,8 +173,9 @@ def _assert_same(a: dict, b: dict, what: str):
   for m in a:
     if m == "text":
       assert a[m] == b[m], what
-    elif m == "audio":  # 16-bit WAV: a step is 3e-5
-      np.testing.assert_allclose(a[m], b[m], atol=1e-4, rtol=0, err_msg=what)
+    elif m == "audio":  # 16-bit WAV (a step is 3e-5); tiny decodes with 200 Griffin-Lim
+      # iterations, which carry the float reassociation of another sharding up to ~2e-4.
+      np.testing.assert_allclose(a[m], b[m], atol=1e-3, rtol=0, err_msg=what)
     else:  # uint8 pixels
       diff = np.abs(a[m].astype(np.int32) - b[m].astype(np.int32))
       assert diff.max() <= 2, f"{what}: {m} differs by {diff.max()} levels"
