@@ -89,7 +89,7 @@ def test_single_output_from_other_inputs(pipe, inputs, output, weights):
      "weight of image must be positive"),
     ({"image": _image().astype(np.float32)}, ["text"], {}, "image input must be non-empty uint8"),
     ({"audio": np.zeros((2, 100), np.float32)}, ["text"], {}, "mono wave"),
-    ({"text": "a"}, ["image"], {"image_size": 40}, "multiple of 16"),
+    ({"text": "a"}, ["image"], {"image_size": 36}, "multiple of 8"),
     ({"text": "a"}, [], {}, "at least one output"),
 ])
 def test_bad_inputs_raise(pipe, inputs, outputs, kw, match):
