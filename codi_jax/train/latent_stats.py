@@ -136,11 +136,3 @@ def adopt(config: ml_collections.ConfigDict, sources: Iterable[pathlib.Path],
       if value is not None:
         config.model[field][name] = float(value)
   return config
-
-
-def target_std(models: objectives.Models, params: Mapping, batches: Iterable[Mapping],
-               modalities: Iterable[Modality]) -> dict[Modality, float]:
-  """Std of the normalised diffusion target per modality (what the diffusers see)."""
-  modalities = tuple(modalities)
-  fn = jax.jit(lambda p, b: {m: _moments(objectives.latent(models, p, b, m)) for m in modalities})
-  return {m: acc.std for m, acc in _accumulate(fn, params, batches, modalities).items()}
