@@ -4,7 +4,9 @@
 import os
 import pathlib
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from tests.cpu_devices import xla_flags
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Subprocesses (the CLI tests) reuse compiled programs, e.g. the tiny model's random init.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",

@@ -12,13 +12,14 @@ import pytest
 
 from codi_jax.bench import peak_tflops
 from tests.conftest import REPO
+from tests.cpu_devices import xla_flags
 
 
 def bench(tmp_path, *args, devices=2, check=True):
   """Runs `codi-jax bench ...` on `devices` simulated CPU devices; returns (process, JSON)."""
   out = tmp_path / "bench.json"
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+             XLA_FLAGS=xla_flags(devices))
   proc = subprocess.run([sys.executable, "-m", "codi_jax.cli", "bench", *args, "--json",
                          str(out), "--quiet"], cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=900)

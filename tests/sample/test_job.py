@@ -23,6 +23,7 @@ from codi_jax.sample.job import SamplingJob, load_pipeline, plan_batches
 from codi_jax.sample.manifest import default_options, load_inputs, read_manifest
 from configs.codi import SHARDING_RULES, get_config
 from tests.conftest import REPO
+from tests.cpu_devices import xla_flags
 
 SMALL = dict(ddim_steps=2, image_size=32, audio_seconds=0.3, num_frames=2)
 JOINT = dict(outputs=["audio", "text"], num_samples=2, eta=0.5)  # per-row eta noise and text keys
@@ -260,7 +261,7 @@ def test_killed_job_resumes_where_it_stopped(workspace, one, tmp_path):
   cmd = [sys.executable, "-m", "codi_jax.cli", "sample", "--ckpt", str(workspace / "ckpt"),
          "--manifest", str(workspace / "items.jsonl"), "--out", str(out),
          "--per_device_batch", "1", "--quiet"]
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+  env = {**os.environ, "XLA_FLAGS": xla_flags(1),
          "JAX_PLATFORMS": "cpu"}
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT)
@@ -313,7 +314,7 @@ def test_two_processes_share_the_work(workspace, one, tmp_path):
   for pid in range(2):
     env = {**os.environ, "CODI_COORDINATOR": f"localhost:{port}", "CODI_NUM_PROCESSES": "2",
            "CODI_PROCESS_ID": str(pid), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+           "XLA_FLAGS": xla_flags(2)}
     procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True))
   logs = [p.communicate(timeout=300)[0] for p in procs]

@@ -25,6 +25,7 @@ from codi_jax.data import pipeline, synthetic
 from codi_jax.parallel.mesh import create_mesh
 from codi_jax.train.checkpoints import CheckpointStore
 from tests.conftest import REPO
+from tests.cpu_devices import xla_flags
 
 
 @flax.struct.dataclass
@@ -283,7 +284,7 @@ def test_two_processes_save_check_and_restore_together(tmp_path):
   for pid in range(2):
     env = {**os.environ, "CODI_COORDINATOR": f"localhost:{port}", "CODI_NUM_PROCESSES": "2",
            "CODI_PROCESS_ID": str(pid), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+           "XLA_FLAGS": xla_flags(2)}
     procs.append(subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
   try:

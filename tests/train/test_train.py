@@ -24,6 +24,7 @@ from codi_jax.train.checkpoints import CheckpointStore
 from codi_jax.train.state import load_params
 from codi_jax.train.step import Trainer
 from configs.codi import get_config
+from tests.cpu_devices import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -168,7 +169,7 @@ def test_eight_devices_give_the_losses_of_one(random_model, tokenizers):
 
 # --- the command, killed and resumed ------------------------------------------------------------
 
-ONE_DEVICE = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+ONE_DEVICE = dict(os.environ, XLA_FLAGS=xla_flags(1))
 
 
 def _command(workdir, init_from, steps=6, extra=()):
