@@ -182,11 +182,11 @@ def bench_train(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: i
   mesh = create_mesh(config.mesh.ici, config.mesh.dcn)
   trainer = Trainer(config, mesh)
   stage, phase = trainer.stage, trainer.stage.phases[0]
-  batch_size = int(config.train.batch_size)
+  batch_size = phase.batch(config)
   devices_per_batch = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
   if batch_size % devices_per_batch:
-    raise ValueError(f"config.train.batch_size {batch_size} must be a multiple of the mesh's "
-                     f"data x fsdp = {devices_per_batch} devices")
+    raise ValueError(f"the batch size {batch_size} of phase {phase.name} must be a multiple of "
+                     f"the mesh's data x fsdp = {devices_per_batch} devices")
   start = time.perf_counter()
   if init == "xla" or config.init_from:
     params, _ = load_params(config, stage.parts, mesh)
@@ -199,7 +199,8 @@ def bench_train(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: i
   del trainable  # the state holds the trainable leaves now
   tokenizers = train_data.load_tokenizers(config.data.tokenizers)
   null_ids = train_data.null_clip_ids(tokenizers)
-  iterator = iter(train_data.build(config, phase.modalities, seed=config.seed))
+  iterator = iter(train_data.build(config, phase.modalities, seed=config.seed,
+                                   batch_size=batch_size))
   host = train_data.arrays(next(iterator), tokenizers, config)
   batch = train_data.place(host, mesh, config.sharding_rules)
   jax.block_until_ready((state, frozen, batch))

@@ -41,11 +41,18 @@ TOKENIZERS = flags.DEFINE_string("tokenizers", None, common.TOKENIZERS_HELP)
 # compiles included, stays within ~25 minutes on 2 CPU cores; benchmarks/RESULTS.md has the
 # measured times and what the model reaches). The image VAE weighs the object's pixels up
 # (`vae_contrast_weight`: the demo's data is always the synthetic set, one small object on a
-# plain background) and gets half of the autoencoders' steps. Contrastive alignment needs a batch
-# where the negatives differ in more than one attribute.
+# plain background). Optimus learns what a caption says only at a large batch (at 16 its latent
+# carries the sentence's template, not its words), with the batch softmax, a bag-of-words loss
+# and the posterior mean as the latent (`objectives.optimus_loss`); text is cheap, so it gets
+# batch 128 and the largest share. Contrastive alignment needs a batch where the negatives differ
+# in more than one attribute.
 DEMO_STAGES = {
-    "autoencoders": dict(steps=600, batch_size=16, autoencoders="autokl:2,audioldm_vae,optimus",
-                         part_learning_rates="autokl=3e-3", vae_contrast_weight=10.0),
+    "autoencoders": dict(steps=1800, batch_size=16,
+                         autoencoders="autokl:3,audioldm_vae:1,optimus:5",
+                         part_learning_rates="autokl=3e-3,optimus=3e-3",
+                         part_batch_sizes="optimus=128", vae_contrast_weight=10.0,
+                         optimus_softmax="batch", optimus_bow_weight=1.0,
+                         optimus_posterior_noise=0.0),
     "align_encoders": dict(steps=300, batch_size=128),
     "diffuse_image": dict(steps=800),
     "diffuse_video": dict(steps=100),

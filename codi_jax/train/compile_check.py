@@ -65,7 +65,7 @@ def compile_check(config: ml_collections.ConfigDict, topology: str) -> dict[str,
                 + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes
                 - mem.alias_size_in_bytes)
     phases.append(dict(
-        phase=phase.name, argument_bytes=int(mem.argument_size_in_bytes),
+        phase=phase.name, global_batch=phase.batch(config), argument_bytes=int(mem.argument_size_in_bytes),
         output_bytes=int(mem.output_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
         alias_bytes=int(mem.alias_size_in_bytes), code_bytes=int(mem.generated_code_size_in_bytes),
         per_chip_bytes=int(per_chip), flops_per_step=float(cost.get("flops", 0.0)),

@@ -81,23 +81,24 @@ def sources(config: ml_collections.ConfigDict, split: str = "train") -> list[pip
   raise ValueError(f"config.data.source must be synthetic, records or tfds, got {d.source!r}")
 
 
-def per_process_batch(config: ml_collections.ConfigDict) -> int:
-  batch, processes = int(config.train.batch_size), jax.process_count()
+def per_process_batch(batch: int) -> int:
+  processes = jax.process_count()
   if batch % processes:
-    raise ValueError(f"config.train.batch_size {batch} does not split over {processes} processes")
+    raise ValueError(f"the global batch {batch} does not split over {processes} processes")
   return batch // processes
 
 
 def build(config: ml_collections.ConfigDict, modalities: Sequence[Modality], seed: int,
-          split: str = "train") -> grain.IterDataset:
-  """This process's infinite batch stream for a phase reading `modalities`."""
+          split: str = "train", batch_size: int | None = None) -> grain.IterDataset:
+  """This process's infinite stream of global batches of `batch_size` (default
+  `config.train.batch_size`) for a phase reading `modalities`."""
   d = config.data
   spec = pipeline.StageData(name="+".join(m.value for m in modalities),
                             modalities=tuple(modalities), sources=tuple(sources(config, split)),
                             image_size=d.image_size, num_frames=d.num_frames,
                             audio_samples=d.audio_samples)
-  return pipeline.build_pipeline(spec, batch_size=per_process_batch(config), seed=seed,
-                                 num_workers=d.num_workers)
+  batch = per_process_batch(batch_size or int(config.train.batch_size))
+  return pipeline.build_pipeline(spec, batch_size=batch, seed=seed, num_workers=d.num_workers)
 
 
 def arrays(batch: Mapping[str, Any], tokenizers: Tokenizers,

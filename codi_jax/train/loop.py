@@ -34,7 +34,7 @@ import pathlib
 import shutil
 import signal
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -159,9 +159,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, export: bool = Tru
   trainer = Trainer(config, mesh)
   stage, total = trainer.stage, int(config.train.steps)
   devices_per_batch = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
-  if config.train.batch_size % devices_per_batch:
-    raise ValueError(f"config.train.batch_size {config.train.batch_size} must be a multiple of "
-                     f"the mesh's data x fsdp = {devices_per_batch} devices")
+  for phase in stage.phases:
+    if phase.batch(config) % devices_per_batch:
+      raise ValueError(f"the batch size {phase.batch(config)} of phase {phase.name} must be a "
+                       f"multiple of the mesh's data x fsdp = {devices_per_batch} devices")
   tokenizers = train_data.load_tokenizers(config.data.tokenizers)
   null_ids = train_data.null_clip_ids(tokenizers)
 
@@ -177,8 +178,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, export: bool = Tru
   state = trainer.create_state(trainable)
   del trainable
   phase_index = stage.phase_at(start or 0, total)
-  iterator = iter(train_data.build(config, stage.phases[phase_index].modalities,
-                                   seed=config.seed + phase_index))
+  iterator = _phase_data(config, stage, phase_index)
   if start is not None:
     # A checkpoint at step s holds the iterator of the phase step s reads (see the save below).
     state, _ = store.restore(start, _abstract(state), iterator=iterator)
@@ -193,7 +193,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, export: bool = Tru
   if primary:
     atomic_write_text(workdir_path / "config.json", config.to_json_best_effort(indent=2))
   step_fn, compiled_phase, flops = None, None, None
-  examples = int(config.train.batch_size)
   window_start, last_metrics, preempted = start, None, False
   bar = tqdm(total=total, initial=start, desc=stage.name, disable=not (progress and primary),
              dynamic_ncols=True)
@@ -214,7 +213,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, export: bool = Tru
         logging.info("compiled %s in %.1f s (%s FLOPs/step/device)", phase.name, compile_s,
                      f"{flops:.3g}" if flops else "unknown")
         writer.write_scalars(step, {"compile_seconds": compile_s})
-        compiled_phase = phase_index
+        compiled_phase, examples = phase_index, phase.batch(config)
         t_last, steps_since = time.perf_counter(), 0
       else:
         batch = _next_batch(iterator, tokenizers, config, mesh)
@@ -222,8 +221,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, export: bool = Tru
       all_finite = all_finite & metrics["finite"]
       step += 1
       if step < total and stage.phase_at(step, total) != phase_index:  # the next phase's data
-        iterator = iter(train_data.build(config, stage.phases[phase_index + 1].modalities,
-                                         seed=config.seed + phase_index + 1))
+        iterator = _phase_data(config, stage, phase_index + 1)
       steps_since += 1
       bar.update(1)
       log_now = step % config.train.log_every == 0 or step == total
@@ -276,6 +274,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, export: bool = Tru
   rate = last_metrics and 1.0 / last_metrics["step_seconds"]
   return Summary(stage.name, start, step, resumed, last_metrics and last_metrics["loss"], rate,
                  model_dir, preempted)
+
+
+def _phase_data(config: ml_collections.ConfigDict, stage, index: int) -> Iterator:
+  """The batch iterator of the stage's phase `index` (its own seed and batch size)."""
+  phase = stage.phases[index]
+  return iter(train_data.build(config, phase.modalities, seed=config.seed + index,
+                               batch_size=phase.batch(config)))
 
 
 def _quality_report(model_dir: pathlib.Path, workdir: pathlib.Path, stage: str,

@@ -38,6 +38,7 @@ import ml_collections
 from codi_jax.diffusion.schedule import ScheduleConfig
 from codi_jax.modality import Modality
 from codi_jax.train import objectives as obj
+from codi_jax.train.state import part_batch_sizes
 
 PyTree = Any
 Path = tuple[str, ...]
@@ -81,6 +82,12 @@ class Phase:
   # The one part this phase trains, if so: its learning rate then warms up and decays over the
   # phase's steps, not the stage's.
   part: str | None = None
+  # The phase's global batch, if not `config.train.batch_size` (`config.train.part_batch_sizes`).
+  batch_size: int | None = None
+
+  def batch(self, config: ml_collections.ConfigDict) -> int:
+    """The phase's global batch size."""
+    return self.batch_size or int(config.train.batch_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,14 +272,15 @@ def _diffuse(name: str, out: Modality, condition: Modality, description: str) ->
                description)
 
 
-def get_stage(config: ml_collections.ConfigDict) -> Stage:
-  """The stage `config.stage` names, with its phases for this config."""
+def _stage(config: ml_collections.ConfigDict) -> Stage:
   name = config.stage
   if name == "autoencoders":
     shares = _autoencoder_parts(config)
     parts = tuple(shares)
+    batches = part_batch_sizes(config.train)
     phases = tuple(Phase(part, (AUTOENCODERS[part][1],),
-                         (lambda part: lambda p, path: p == part)(part), share=share, part=part)
+                         (lambda part: lambda p, path: p == part)(part), share=share, part=part,
+                         batch_size=batches.get(part))
                    for part, share in shares.items())
     return Stage(name, parts, lambda part, path: part in parts, phases, _autoencoders_loss,
                  "image VAE, audio VAE, vocoder and Optimus reconstruction, one phase each")
@@ -309,6 +317,17 @@ def get_stage(config: ml_collections.ConfigDict) -> Stage:
                  trainable, tuple(phases), _latent_align_loss,
                  "environment encoders and connectors on joint generation, diffusers frozen")
   raise ValueError(f"unknown stage {name!r}; choose one of {', '.join(STAGES)}")
+
+
+def get_stage(config: ml_collections.ConfigDict) -> Stage:
+  """The stage `config.stage` names, with its phases for this config."""
+  stage = _stage(config)
+  unknown = sorted(set(part_batch_sizes(config.train)) - {p.part for p in stage.phases})
+  if unknown:
+    raise ValueError(f"config.train.part_batch_sizes names {unknown}, which no phase of stage "
+                     f"{stage.name} trains on its own (such parts: "
+                     f"{[p.part for p in stage.phases if p.part]})")
+  return stage
 
 
 STAGES = ("autoencoders", "align_encoders", "diffuse_image", "diffuse_video", "diffuse_audio",

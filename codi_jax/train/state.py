@@ -179,19 +179,29 @@ def learning_rate_schedule(t: ml_collections.ConfigDict, peak: float | None = No
   return lambda count: jnp.where(count < start, 0.0, base(count - start))
 
 
-def part_learning_rates(t: ml_collections.ConfigDict) -> dict[str, float]:
-  """`config.train.part_learning_rates` ("optimus=3e-3,autokl=2e-3") as {part: peak rate}."""
+def _per_part(t: ml_collections.ConfigDict, field: str, kind: type, example: str) -> dict:
+  """`config.train.<field>` ("part=value,...") as {part: positive value of `kind`}."""
   out = {}
-  for item in (p.strip() for p in str(t.part_learning_rates).split(",") if p.strip()):
+  for item in (p.strip() for p in str(t.get(field, "")).split(",") if p.strip()):
     part, sep, value = item.partition("=")
     try:
-      out[part.strip()] = float(value)
+      out[part.strip()] = kind(value)
     except ValueError:
       sep = ""
     if not sep or not out[part.strip()] > 0:
-      raise ValueError(f"config.train.part_learning_rates: expected part=rate items with a "
-                       f"positive rate, got {item!r}")
+      raise ValueError(f"config.train.{field}: expected part=value items with a positive "
+                       f"{kind.__name__} value (e.g. {example!r}), got {item!r}")
   return out
+
+
+def part_learning_rates(t: ml_collections.ConfigDict) -> dict[str, float]:
+  """`config.train.part_learning_rates` ("optimus=3e-3,autokl=2e-3") as {part: peak rate}."""
+  return _per_part(t, "part_learning_rates", float, "optimus=3e-3,autokl=2e-3")
+
+
+def part_batch_sizes(t: ml_collections.ConfigDict) -> dict[str, int]:
+  """`config.train.part_batch_sizes` ("optimus=128") as {part: global batch of its phase}."""
+  return _per_part(t, "part_batch_sizes", int, "optimus=128")
 
 
 def make_optimizer(t: ml_collections.ConfigDict, parts: Sequence[str],

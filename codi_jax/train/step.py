@@ -185,8 +185,8 @@ class Trainer:
   def abstract_inputs(self, phase_index: int) -> tuple[TrainState, Flat, dict]:
     """(state, frozen, batch) as sharded `ShapeDtypeStruct`s: what compile-check lowers with."""
     trainable, frozen = self.split(self.abstract_params())
-    batch = batch_shapes(self.config, self.stage.phases[phase_index].modalities,
-                         int(self.config.train.batch_size))
+    phase = self.stage.phases[phase_index]
+    batch = batch_shapes(self.config, phase.modalities, phase.batch(self.config))
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_sharding)
              for k, v in batch.items()}
     return self.abstract_state(trainable), frozen, batch

@@ -70,8 +70,24 @@ def test_each_part_is_clipped_and_stepped_on_its_own():
   with pytest.raises(ValueError, match="names \\['c'\\]"):
     make_optimizer(t, ("a", "b"))
   t.part_learning_rates = "a=fast"
-  with pytest.raises(ValueError, match="part=rate"):
+  with pytest.raises(ValueError, match="part=value"):
     make_optimizer(t, ("a", "b"))
+
+
+def test_a_part_trained_alone_can_have_its_own_batch():
+  config = get_config("tiny")
+  config.stage = "autoencoders"
+  config.train.update(autoencoders="autokl,optimus", batch_size=8, part_batch_sizes="optimus=64")
+  stage = stages.get_stage(config)
+  assert [p.batch(config) for p in stage.phases] == [8, 64]
+  for bad, match in (("clip=64", "names \\['clip'\\]"), ("optimus=0", "positive int"),
+                     ("optimus=1.5", "positive int"), ("optimus", "part=value")):
+    config.train.part_batch_sizes = bad
+    with pytest.raises(ValueError, match=match):
+      stages.get_stage(config)
+  config.stage, config.train.part_batch_sizes = "align_encoders", "optimus=64"
+  with pytest.raises(ValueError, match="no phase of stage align_encoders"):
+    stages.get_stage(config)
 
 
 def test_latent_statistics_are_exact_whatever_the_batching(monkeypatch):
