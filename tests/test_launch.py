@@ -361,3 +361,18 @@ def test_slurm_wrapper_dry_run():
   proc = subprocess.run(["bash", str(LAUNCH / "slurm.sh"), "--dry-run", "--nodes", "0", "--", "x"],
                         env=clean_env(), capture_output=True, text=True)
   assert proc.returncode == 2 and "--nodes must be a positive integer, got '0'" in proc.stderr
+
+
+def test_local_processes_stops_the_others_when_one_fails():
+  """A process whose peer died would wait at the coordinator forever: the launcher stops it and
+  exits with the failure's status at once."""
+  body = 'if [ "$CODI_PROCESS_ID" = 1 ]; then exit 7; fi; exec sleep 120'
+  start = time.monotonic()
+  proc = subprocess.run([str(LAUNCH / "local_processes.sh"), "3", "1", "bash", "-c", body],
+                        capture_output=True, text=True, timeout=60, env=clean_env())
+  assert proc.returncode == 7, proc.stderr
+  assert time.monotonic() - start < 30
+  done = subprocess.run([str(LAUNCH / "local_processes.sh"), "2", "1", "bash", "-c",
+                         'echo "$CODI_PROCESS_ID of $CODI_NUM_PROCESSES"'],
+                        capture_output=True, text=True, timeout=60, env=clean_env())
+  assert done.returncode == 0 and sorted(done.stdout.split("\n")[:2]) == ["0 of 2", "1 of 2"]

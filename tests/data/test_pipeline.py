@@ -15,6 +15,7 @@ from codi_jax.audio.resample import resample
 from codi_jax.data import media, pipeline, preprocess, records, synthetic
 from codi_jax.modality import Modality
 from codi_jax.text import BertTokenizer
+from tests import procs
 from tests.conftest import REPO
 
 TRAIN_SIZE = 12
@@ -304,23 +305,18 @@ print(json.dumps({{"keys": keys, "resumed": [next(restored)["key"] for _ in rang
 def test_two_jax_processes_split_an_epoch_and_checkpoint(tmp_path):
   """Two real JAX processes, the pipeline's process index/count from jax.process_*(); their
   iterator states go to one folder and restore exactly."""
-  import socket
-
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
+  port = procs.free_port()
   script = _PROCESS_SCRIPT.format(config=json.dumps(dataclasses.asdict(tiny_config())),
                                   state=str(tmp_path / "state"))
-  procs = []
+  started = []
   for pid in range(2):
     env = {**os.environ, "CODI_COORDINATOR": f"localhost:{port}", "CODI_NUM_PROCESSES": "2",
            "CODI_PROCESS_ID": str(pid), "JAX_PLATFORMS": "cpu"}
-    procs.append(subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-  outs = [p.communicate(timeout=120) for p in procs]
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err
-  results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    started.append(procs.start([sys.executable, "-c", script], cwd=REPO, env=env))
+  outs = procs.finish(started, 300)
+  for p, out in zip(started, outs):
+    assert p.returncode == 0, out[-3000:]
+  results = [json.loads(procs.last_json_line(out)) for out in outs]
   keys = [r["keys"] for r in results]
   assert not set(keys[0]) & set(keys[1])
   assert sorted(keys[0] + keys[1]) == sorted(

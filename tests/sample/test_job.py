@@ -22,6 +22,7 @@ from codi_jax.pipeline import CoDiPipeline, load_tokenizers
 from codi_jax.sample.job import SamplingJob, load_pipeline, plan_batches
 from codi_jax.sample.manifest import default_options, load_inputs, read_manifest
 from configs.codi import SHARDING_RULES, get_config
+from tests import procs
 from tests.conftest import REPO
 from tests.cpu_devices import xla_flags
 
@@ -296,11 +297,7 @@ def test_killed_job_resumes_where_it_stopped(workspace, one, tmp_path):
 def test_two_processes_share_the_work(workspace, one, tmp_path):
   """Two JAX processes x 2 devices, data 2 x fsdp 2: each prepares and writes the items on its own
   devices; together they write each item once, equal to the 1-device run."""
-  import socket
-
-  with socket.socket() as sock:
-    sock.bind(("localhost", 0))
-    port = sock.getsockname()[1]
+  port = procs.free_port()
   ids = ["img-text", "img-image", "img-video", "bad-modality"]  # 3 items on 4 devices
   lines = [json.dumps({**SMALL, **line}) for line in LINES if line.get("id") in ids]
   (tmp_path / "two.jsonl").write_text("\n".join(lines) + "\n")
@@ -310,15 +307,14 @@ def test_two_processes_share_the_work(workspace, one, tmp_path):
   cmd = [sys.executable, "-m", "codi_jax.cli", "sample", "--ckpt", str(workspace / "ckpt"),
          "--manifest", str(tmp_path / "two.jsonl"), "--out", str(out),
          "--mesh", "data=2,fsdp=2", "--quiet"]
-  procs = []
+  started = []
   for pid in range(2):
     env = {**os.environ, "CODI_COORDINATOR": f"localhost:{port}", "CODI_NUM_PROCESSES": "2",
            "CODI_PROCESS_ID": str(pid), "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": xla_flags(2)}
-    procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True))
-  logs = [p.communicate(timeout=300)[0] for p in procs]
-  for p, log in zip(procs, logs):
+    started.append(procs.start(cmd, cwd=REPO, env=env))
+  logs = procs.finish(started, 300)
+  for p, log in zip(started, logs):
     assert p.returncode == 0, log[-3000:]
   assert "3 done, 0 skipped" in logs[0]  # process 0 reports
   assert "skipped (already complete)" not in logs[1]

@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from codi_jax.data import pipeline, synthetic
 from codi_jax.parallel.mesh import create_mesh
 from codi_jax.train.checkpoints import CheckpointStore
+from tests import procs
 from tests.conftest import REPO
 from tests.cpu_devices import xla_flags
 
@@ -274,29 +275,19 @@ store.close()
 def test_two_processes_save_check_and_restore_together(tmp_path):
   """Two JAX processes with 2 devices each: a collective save of a sharded array, per-process
   iterator states, process 0's verdict on a half-written step, a restore onto another mesh."""
-  import socket
-
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
+  port = procs.free_port()
   script = _PROCESS_SCRIPT.format(workdir=str(tmp_path))
-  procs = []
+  started = []
   for pid in range(2):
     env = {**os.environ, "CODI_COORDINATOR": f"localhost:{port}", "CODI_NUM_PROCESSES": "2",
            "CODI_PROCESS_ID": str(pid), "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": xla_flags(2)}
-    procs.append(subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-  try:
-    outs = [p.communicate(timeout=120) for p in procs]
-  except subprocess.TimeoutExpired:
-    for p in procs:
-      p.kill()
-    pytest.fail("processes hung:\n" + "\n".join(p.communicate()[1][-3000:] for p in procs))
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err
-  for out, _ in outs:
-    assert json.loads(out.strip().splitlines()[-1]) == {
+    started.append(procs.start([sys.executable, "-c", script], cwd=REPO, env=env))
+  outs = procs.finish(started, 300)
+  for p, out in zip(started, outs):
+    assert p.returncode == 0, out[-3000:]
+  for out in outs:
+    assert json.loads(procs.last_json_line(out)) == {
         "latest": 1, "config": {"step": 1}, "values": True, "sharding": True, "resumed": True,
         "saved_again": True,
         "data_files": ["commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]}

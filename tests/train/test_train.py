@@ -24,6 +24,7 @@ from codi_jax.train.checkpoints import CheckpointStore
 from codi_jax.train.state import load_params
 from codi_jax.train.step import Trainer
 from configs.codi import get_config
+from tests import procs
 from tests.cpu_devices import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -193,8 +194,7 @@ def _losses(workdir) -> dict[int, float]:
 
 def _run_until(cmd, workdir, step, sig):
   """Starts the command, sends `sig` once metrics.jsonl has a line for `step`."""
-  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, env=ONE_DEVICE)
+  proc = procs.start(cmd, cwd=REPO, env=ONE_DEVICE)
   deadline = time.time() + 600
   metrics = pathlib.Path(workdir) / "metrics.jsonl"
   while time.time() < deadline and proc.poll() is None:
@@ -203,7 +203,7 @@ def _run_until(cmd, workdir, step, sig):
       proc.send_signal(sig)
       break
     time.sleep(0.05)
-  out, _ = proc.communicate(timeout=600)
+  out, = procs.finish([proc], 600)
   return proc.returncode, out
 
 
@@ -282,16 +282,15 @@ def test_killed_and_preempted_runs_resume_exactly(random_model, tmp_path):
 def test_two_processes_train_like_one(random_model, tmp_path):
   one = tmp_path / "one"
   cmd = _command(one, random_model, steps=2, extra=["--no_export"])
-  done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                        env=ONE_DEVICE)
-  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  code, out = procs.run(cmd, 600, cwd=REPO, env=ONE_DEVICE)
+  assert code == 0, out[-3000:]
   two = tmp_path / "two"
   cmd = [str(REPO / "launch" / "local_processes.sh"), "2", "1",
          *_command(two, random_model, steps=2, extra=["--no_export"])]
-  env = dict(os.environ, CODI_PORT=str(21000 + os.getpid() % 20000))
+  env = dict(os.environ, CODI_PORT=str(procs.free_port()))
   env.pop("XLA_FLAGS", None)
-  done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
-  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  code, out = procs.run(cmd, 600, cwd=REPO, env=env)
+  assert code == 0, out[-3000:]
   a, b = _losses(one), _losses(two)
   assert sorted(a) == sorted(b) == [1, 2]
   np.testing.assert_allclose([b[s] for s in (1, 2)], [a[s] for s in (1, 2)], rtol=2e-5)
