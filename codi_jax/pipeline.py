@@ -35,7 +35,7 @@ from codi_jax.audio.mel import HOP, N_MELS, SAMPLE_RATE
 from codi_jax.conditioning import PromptEncoders, encode_conditions, normalized_weights
 from codi_jax.data.preprocess import to_unit_range
 from codi_jax.diffusion.ddim import DDIMSampler, initial_noise
-from codi_jax.diffusion.schedule import ScheduleConfig
+from codi_jax.diffusion.schedule import ScheduleConfig, ddim_parameters, ddpm_schedule
 from codi_jax.modality import Alignment, Modality
 from codi_jax.models import autoencoder, optimus, optimus_decode, vocoder
 from codi_jax.models.clip import FrozenCLIP
@@ -47,6 +47,7 @@ PyTree = Any
 
 PARTS = checkpoint.PARTS  # a pipeline needs every part
 _RNG_NOISE, _RNG_ETA, _RNG_TEXT = 0, 1, 2  # streams of a request's seed
+MAX_SEED = 2 ** 32 - 1  # a seed is a JAX PRNG seed: 32 bits; larger ones would be truncated
 # The parts that decode each output's latents.
 _DECODERS = {Modality.IMAGE: ("autokl",), Modality.VIDEO: ("autokl",),
              Modality.AUDIO: ("audioldm_vae", "hifigan_vocoder"), Modality.TEXT: ("optimus",)}
@@ -307,16 +308,18 @@ class CoDiPipeline:
       if not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0):
         raise ValueError(f"the weight of {m.value} must be positive, got {v!r}")
     norm = normalized_weights(parsed_inputs, weights)
-    image_size = image_size or sample.image_latent_size * self.image_vae.config.downsample_factor
-    num_frames = num_frames or sample.num_frames
     default_seconds = (sample.audio_latent_frames * self.audio_vae.config.downsample_factor
                        * HOP / SAMPLE_RATE)
-    audio_seconds = audio_seconds or default_seconds
+    if image_size is None:
+      image_size = sample.image_latent_size * self.image_vae.config.downsample_factor
+    num_frames = sample.num_frames if num_frames is None else num_frames
+    audio_seconds = default_seconds if audio_seconds is None else audio_seconds
     for name, value in (("num_samples", num_samples), ("ddim_steps", ddim_steps),
-                        ("image_size", image_size), ("num_frames", num_frames), ("seed", seed)):
-      if not _is_integer(value) or (name != "seed" and value < 1):
-        raise ValueError(f"{name} must be a{'n' if name == 'seed' else ' positive'} integer, "
-                         f"got {value!r}")
+                        ("image_size", image_size), ("num_frames", num_frames)):
+      if not _is_integer(value) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not _is_integer(seed) or not 0 <= seed <= MAX_SEED:
+      raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
     for name, value in (("audio_seconds", audio_seconds), ("guidance_scale", guidance_scale),
                         ("eta", eta)):
       if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) \
@@ -324,8 +327,9 @@ class CoDiPipeline:
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if not audio_seconds > 0:
       raise ValueError(f"audio_seconds must be positive, got {audio_seconds}")
-    if eta < 0:
-      raise ValueError(f"eta must be >= 0, got {eta}")
+    # The DDIM schedule the request would run (cheap, host-side): step counts it cannot serve
+    # and a negative eta fail here, before any batch is built.
+    ddim_parameters(int(ddim_steps), float(eta), ddpm_schedule(self.schedule))
     align = (self.codi_config.alignment if alignment is None else Alignment.parse(alignment))
     shapes = self.latent_shapes(outs, int(num_samples), int(image_size), int(num_frames),
                                 float(audio_seconds))

@@ -28,7 +28,8 @@ SOURCE = flags.DEFINE_enum("source", "synthetic", ["synthetic", "records"],
                            "The embedded synthetic dataset, or our record shards (--records).")
 RECORDS = flags.DEFINE_list("records", None,
                             "Record shards: files, folders or glob patterns (--source records).")
-SEED = flags.DEFINE_integer("seed", None, "Seed (default: config.seed).")
+SEED = flags.DEFINE_integer("seed", None, "Seed in [0, 2**32 - 1] (default: config.seed).",
+                            lower_bound=0, upper_bound=2 ** 32 - 1)
 PROCESS_INDEX = flags.DEFINE_integer("process_index", None,
                                      "This process's index (default: jax.process_index()).")
 PROCESS_COUNT = flags.DEFINE_integer("process_count", None,

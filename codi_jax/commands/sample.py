@@ -9,7 +9,8 @@ One request per manifest line (`codi_jax.sample.manifest`):
 Runs on every device of every process (multi-host: start the same command on each host, see
 `codi_jax.parallel.distributed`), batching items by compiled program. Writes `<out>/items/<id>/`
 per item (as `codi-jax generate` does), `failures.jsonl`, `summary.json` and an `index.html`
-gallery; a rerun skips the items already complete. Options a line leaves out come from the
+gallery; a rerun skips the items already complete and regenerates those whose line changed
+(--on_changed). Options a line leaves out come from the
 checkpoint config's `sample` section (seed: --seed or the config's; one sample per item).
 """
 
@@ -23,6 +24,7 @@ from absl import flags
 from codi_jax import checkpoint
 from codi_jax.commands import common
 from codi_jax.parallel.mesh import create_mesh
+from codi_jax.sample import job as job_lib
 from codi_jax.sample.job import SamplingJob, load_pipeline
 from codi_jax.sample.manifest import default_options, read_manifest
 
@@ -37,6 +39,11 @@ MESH = flags.DEFINE_list("mesh", None,
                          "mesh.ici); fsdp > 1 shards the parameters.")
 TOKENIZERS = flags.DEFINE_string("tokenizers", None, common.TOKENIZERS_HELP)
 QUIET = flags.DEFINE_bool("quiet", False, "No progress bar.")
+ON_CHANGED = flags.DEFINE_enum(
+    "on_changed", "regenerate", job_lib.ON_CHANGED,
+    "A rerun into the same --out meets items whose outputs were made from other settings or "
+    "inputs than their manifest lines now ask for (their fingerprints differ): regenerate them "
+    "(and count them in summary.json), or refuse to run.")
 
 
 def parse_mesh(entries: list[str]) -> dict[str, int]:
@@ -65,7 +72,7 @@ def run() -> dict:
   items, failures = read_manifest(MANIFEST.value, pipe.plan,
                                   default_options(pipe.config, common.SEED.value))
   job = SamplingJob(pipe, mesh, rules, OUT.value, per_device_batch=PER_DEVICE_BATCH.value,
-                    progress=not QUIET.value,
+                    progress=not QUIET.value, on_changed=ON_CHANGED.value,
                     extra=dict(checkpoint=str(pathlib.Path(CKPT.value).resolve()),
                                manifest=str(pathlib.Path(MANIFEST.value).resolve()),
                                preset=pipe.config.get("preset")))

@@ -8,9 +8,12 @@ group's program is compiled once ahead of time (`jit(...).lower(...).compile()`,
 its rows split over the batch axes and the parameters laid out by the config's logical-axis rules
 (replicated, or FSDP-sharded when the mesh has fsdp > 1). A process prepares (decodes media,
 encodes conditions, draws noise for) only the items whose rows land on its devices, and writes
-only the items it owns, each to `<out>/items/<id>/` at once (`codi_jax.outputs`): an item is
-complete iff that folder holds `result.json`, so a restarted job skips it and a killed job loses
-at most its in-flight batches. Every row's randomness comes from its item's seed and sample index
+only the items it owns, each to `<out>/items/<id>/` at once (`codi_jax.outputs`), with the item's
+fingerprint (`Item.fingerprint`: its settings and the bytes of its inputs) in `result.json`. An
+item is complete iff that fingerprint is its own, so a restarted job skips it, a killed job loses
+at most its in-flight batches, and a rerun after a line changed regenerates that item (or, with
+`on_changed="refuse"`, stops). A batch that cannot be compiled or run fails its items, not the
+job. Every row's randomness comes from its item's seed and sample index
 (`CoDiPipeline.prepare`), so an item's outputs do not depend on its batch or the device count.
 
 Also written: `failures.jsonl` (one line per failed item, flushed as it happens; describes the
@@ -47,6 +50,7 @@ from codi_jax.sample.manifest import Failure, Item, load_inputs
 # default device, in `CoDiPipeline.prepare`).
 SHARDED_PARTS = ("diffusers", "autokl", "audioldm_vae", "hifigan_vocoder", "optimus")
 RESULT = "result.json"
+ON_CHANGED = ("regenerate", "refuse")  # what a rerun does with items whose line changed
 
 
 def load_pipeline(ckpt: str | os.PathLike, tokenizers: str | os.PathLike | None, mesh: Mesh,
@@ -83,8 +87,21 @@ def plan_batches(items: Sequence[Item], slots: int) -> list[Batch]:
           for program, group in groups.items() for i in range(0, len(group), slots)]
 
 
-def is_complete(folder: pathlib.Path) -> bool:
-  return (folder / RESULT).is_file()
+def is_complete(folder: pathlib.Path, fingerprint: str) -> bool:
+  """Whether `folder` holds the finished outputs of the item whose fingerprint is given."""
+  return _recorded_fingerprint(folder) == fingerprint
+
+
+def _recorded_fingerprint(folder: pathlib.Path) -> str | None:
+  """The fingerprint in the folder's result.json; "" for a result without a readable one;
+  None where there is no result."""
+  path = folder / RESULT
+  if not path.is_file():
+    return None
+  try:
+    return str(json.loads(path.read_text(encoding="utf-8")).get("fingerprint", ""))
+  except (OSError, ValueError, AttributeError):
+    return ""
 
 
 @dataclasses.dataclass
@@ -101,7 +118,7 @@ class _InFlight:
   layout: _Layout
   outputs: dict[str, jax.Array]
   prepared: dict[int, tuple[Item, list[str]]]  # this process's slots -> (item, notes)
-  size: int  # real items in the batch (all processes)
+  items: Sequence[Item]  # every real item of the batch (all processes)
 
 
 class _Layout:
@@ -189,7 +206,9 @@ class SamplingJob:
 
   def __init__(self, pipe: CoDiPipeline, mesh: Mesh, rules: Rules, out: str | os.PathLike, *,
                per_device_batch: int = 1, extra: Mapping[str, Any] | None = None,
-               progress: bool = True):
+               progress: bool = True, on_changed: str = "regenerate"):
+    if on_changed not in ON_CHANGED:
+      raise ValueError(f"on_changed must be one of {ON_CHANGED}, got {on_changed!r}")
     if isinstance(per_device_batch, bool) or not isinstance(per_device_batch, int) \
        or per_device_batch < 1:
       raise ValueError(f"per_device_batch must be a positive integer, got {per_device_batch!r}")
@@ -200,8 +219,10 @@ class SamplingJob:
     self.per_device_batch = per_device_batch
     self.extra = dict(extra or {})
     self.progress = progress
+    self.on_changed = on_changed
     self._compiled: dict[Program, _Compiled] = {}
     self._layouts: dict[int, _Layout] = {}  # by rows per item
+    self._fingerprints: dict[str, str] = {}  # by item id
 
   # --- compilation -----------------------------------------------------------------------------
 
@@ -262,11 +283,38 @@ class SamplingJob:
         generated = self.pipe.finish(item.settings, raw)
         write_outputs(self.items_dir / item.id, generated, item.files, item.text,
                       extra=dict(self.extra, id=item.id, line=item.line, notes=notes,
-                                 process=jax.process_index()))
+                                 process=jax.process_index(),
+                                 fingerprint=self._fingerprints[item.id]))
         written += 1
       except (ValueError, OSError) as e:
         failures.add(Failure.of(item.id, item.line, e))
     return written
+
+  def _write_or_fail(self, batch: _InFlight, failures: _FailureLog) -> int:
+    try:
+      return self._write(batch, failures)
+    except Exception as e:  # noqa: BLE001 -- the batch's program failed while it ran
+      self._fail_batch(batch.items, e, failures)
+      return 0
+
+  def _fingerprint(self, items: Sequence[Item]) -> None:
+    """Fingerprints every item (`Item.fingerprint`). An item whose input files cannot be read
+    gets none (so it is not complete) and fails when it is prepared, naming the file."""
+    for item in items:
+      try:
+        self._fingerprints[item.id] = item.fingerprint()
+      except OSError:
+        self._fingerprints[item.id] = "unreadable inputs"
+
+  @staticmethod
+  def _fail_batch(items: Sequence[Item], error: Exception, failures: _FailureLog) -> None:
+    """Every item of a batch that could not be compiled or run goes to failures.jsonl (written
+    by process 0: such errors are the same on every process)."""
+    logging.error("a batch of %d item(s) failed: %s: %s", len(items), type(error).__name__,
+                  error)
+    if jax.process_index() == 0:
+      for item in items:
+        failures.add(Failure.of(item.id, item.line, error))
 
   # --- the job ---------------------------------------------------------------------------------
 
@@ -282,41 +330,60 @@ class SamplingJob:
                                           for f in failures))
     for f in failures:
       logging.warning("line %d skipped: %s: %s", f.line, f.error, f.message)
-    complete = np.asarray([is_complete(self.items_dir / it.id) for it in items], bool)
+    self._fingerprint(items)
+    recorded = [_recorded_fingerprint(self.items_dir / it.id) for it in items]
+    complete = np.asarray([r == self._fingerprints[it.id] for it, r in zip(items, recorded)])
     complete = _any_process(complete)  # every process agrees on the work list
+    changed = sum(r is not None and not c for r, c in zip(recorded, complete))
+    if changed:
+      if self.on_changed == "refuse":
+        raise ValueError(f"{changed} item(s) in {self.items_dir} were made from other settings "
+                         "or inputs than their manifest lines now ask for; rerun with "
+                         "--on_changed=regenerate to make them again, or use another --out")
+      logging.warning("%d item(s) changed since their outputs were written: regenerating them",
+                      changed)
     todo = [it for it, c in zip(items, complete) if not c]
     batches = plan_batches(todo, self.slots)
     bar = tqdm(total=len(todo), desc="sample", unit="item",
                disable=not self.progress or pid != 0)
     loop_start = time.perf_counter()
-    written, pending = 0, None
+    written, samples, pending = 0, 0, None
     for batch in batches:
-      n = batch.program.num_samples
-      if n not in self._layouts:
-        self._layouts[n] = _Layout(self.mesh, self.rules, self.slots, n)
-      layout = self._layouts[n]
-      compiled = self._compile(batch.program, layout)
-      rows, prepared = self._prepare(batch, layout, compiled, log)
-      outputs = compiled.fn(self.pipe.program_params(batch.program), rows)  # dispatched, async
+      try:
+        n = batch.program.num_samples
+        if n not in self._layouts:
+          self._layouts[n] = _Layout(self.mesh, self.rules, self.slots, n)
+        layout = self._layouts[n]
+        compiled = self._compile(batch.program, layout)
+        rows, prepared = self._prepare(batch, layout, compiled, log)
+        outputs = compiled.fn(self.pipe.program_params(batch.program), rows)  # dispatched, async
+      except Exception as e:  # noqa: BLE001 -- a batch that cannot run fails its items, not the job
+        self._fail_batch(batch.items, e, log)
+        bar.update(len(batch.items))
+        continue
       if pending is not None:  # write the previous batch while this one runs
-        written += self._write(pending, log)
-        bar.update(pending.size)
-      pending = _InFlight(layout, outputs, prepared, len(batch.items))
+        items_written = self._write_or_fail(pending, log)
+        written, samples = written + items_written, samples + items_written * pending.layout.n
+        bar.update(len(pending.items))
+      pending = _InFlight(layout, outputs, prepared, batch.items)
     if pending is not None:
-      written += self._write(pending, log)
-      bar.update(pending.size)
+      items_written = self._write_or_fail(pending, log)
+      written, samples = written + items_written, samples + items_written * pending.layout.n
+      bar.update(len(pending.items))
     bar.close()
     end = time.perf_counter()
-    done, runtime_failed = _sum_processes(np.asarray([written, log.count], np.int64)).tolist()
+    done, samples, runtime_failed = _sum_processes(
+        np.asarray([written, samples, log.count], np.int64)).tolist()
     compile_s = sum(c.seconds for c in self._compiled.values())
     run_s = max(end - loop_start - compile_s, 1e-9)
     devices = self.mesh.devices.size
     summary = dict(
         lines=len(items) + len(failures), done=done, skipped=len(items) - len(todo),
+        regenerated=changed,
         failed=len(failures) + runtime_failed, wall_s=round(end - start, 3),
         compile_s=round(compile_s, 3), sample_s=round(run_s, 3),
         items_per_s=done / run_s, items_per_s_per_device=done / run_s / devices,
-        samples_per_s=sum(b.program.num_samples * len(b.items) for b in batches) / run_s,
+        samples_per_s=samples / run_s,  # written samples only
         devices=devices, processes=jax.process_count(), mesh=dict(self.mesh.shape),
         per_device_batch=self.per_device_batch, batch_items=self.slots, batches=len(batches),
         programs=[dict(program=_describe(p), compile_s=round(c.seconds, 3))
@@ -324,7 +391,8 @@ class SamplingJob:
         **self.extra)
     if pid == 0:
       atomic_write_json(self.out / "summary.json", summary)
-      atomic_write_text(self.out / "index.html", _gallery(self.out, items, failures, summary))
+      atomic_write_text(self.out / "index.html",
+                        _gallery(self.out, items, failures, summary, self._fingerprints))
     return summary
 
 
@@ -335,7 +403,7 @@ def _describe(program: Program) -> str:
 
 
 def _gallery(out: pathlib.Path, items: Sequence[Item], failures: Sequence[Failure],
-             summary: Mapping[str, Any]) -> str:
+             summary: Mapping[str, Any], fingerprints: Mapping[str, str]) -> str:
   """index.html: one row per manifest line, linking each item's own page."""
   rows = []
   failed = {f.line: f for f in failures}
@@ -346,7 +414,7 @@ def _gallery(out: pathlib.Path, items: Sequence[Item], failures: Sequence[Failur
       failed.setdefault(f.line, f)
   for item in items:
     folder = out / "items" / item.id
-    if not is_complete(folder):
+    if not is_complete(folder, fingerprints[item.id]):
       f = failed.get(item.line)
       why = f"{f.error}: {f.message}" if f else "not done"
       rows.append(f"<tr><td>{html.escape(item.id)}</td><td colspan=2>{html.escape(why)}</td></tr>")

@@ -18,6 +18,7 @@ corrupt file fails its item then (`load_inputs`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -49,6 +50,18 @@ class Item:
   @property
   def program(self) -> Program:
     return Program.of(self.settings)
+
+  def fingerprint(self) -> str:
+    """A digest of everything the item's outputs depend on: its settings, its text and the bytes
+    of its media files. An output made from other settings or inputs has another fingerprint."""
+    digest = hashlib.sha256(json.dumps(self.settings.as_json(), sort_keys=True).encode())
+    digest.update(json.dumps(self.text).encode())
+    for modality, path in sorted(self.files.items()):
+      digest.update(modality.value.encode())
+      with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+          digest.update(chunk)
+    return digest.hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)

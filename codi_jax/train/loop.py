@@ -55,7 +55,8 @@ from codi_jax.train.checkpoints import CheckpointStore
 from codi_jax.train.metric_writers import create_writers
 from codi_jax.train.samples import SampleLogger
 from codi_jax.train.stages import get_stage
-from codi_jax.train.state import init_sources, load_params, merge, param_count
+from codi_jax.train.state import (check_train_settings, init_sources, load_params, merge,
+                                  param_count)
 from codi_jax.train.step import Trainer, cost_flops
 
 MODEL_DIR = "model"
@@ -148,7 +149,10 @@ def _run_config(config: ml_collections.ConfigDict, phase: str) -> dict[str, Any]
 def train(config: ml_collections.ConfigDict, workdir: str, *, export: bool = True,
           progress: bool = True) -> Summary:
   """Trains `config.stage` in `workdir` (see the module docstring); returns a summary."""
+  check_train_settings(config.train)
   workdir_path = pathlib.Path(workdir)
+  if workdir_path.exists() and not workdir_path.is_dir():
+    raise ValueError(f"workdir {workdir_path} exists and is not a folder")
   primary = jax.process_index() == 0
   if primary:
     workdir_path.mkdir(parents=True, exist_ok=True)

@@ -55,7 +55,7 @@ from codi_jax.text.bpe import clean_generated
 from codi_jax.train import data as train_data
 from codi_jax.train import objectives
 from codi_jax.train.stages import Phase, Stage
-from codi_jax.train.state import Flat, init_sources, load_params, merge
+from codi_jax.train.state import Flat, init_sources, load_params, merge, positive_int
 from codi_jax.train.step import Trainer
 
 TAG = "samples"
@@ -116,13 +116,6 @@ def validation_examples(config: ml_collections.ConfigDict, modalities, count: in
                                            process_index=0, process_count=1)))
 
 
-def _positive(config: ml_collections.ConfigDict, field: str) -> int:
-  value = config.train[field]
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise ValueError(f"config.train.{field} must be a positive integer, got {value!r}")
-  return value
-
-
 @dataclasses.dataclass(frozen=True)
 class _Program:
   """One phase's compiled sampling: fn(trainable, frozen, extra, batch) -> raw outputs."""
@@ -142,8 +135,8 @@ class SampleLogger:
     self.stage: Stage = trainer.stage
     self.models: objectives.Models = trainer.models
     self.every = int(config.train.sample_every)
-    self.count = _positive(config, "sample_count")
-    self.ddim_steps = _positive(config, "sample_ddim_steps")
+    self.count = positive_int(config.train, "sample_count")
+    self.ddim_steps = positive_int(config.train, "sample_ddim_steps")
     self.tokenizers = tokenizers
     self.frozen = frozen
     self.replicated = NamedSharding(trainer.mesh, PartitionSpec())

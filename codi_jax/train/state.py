@@ -194,6 +194,45 @@ def _per_part(t: ml_collections.ConfigDict, field: str, kind: type, example: str
   return out
 
 
+_POSITIVE_INTS = ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
+                  "latent_stats_examples", "sample_count", "sample_ddim_steps")
+_NON_NEGATIVE_INTS = ("warmup_steps", "sample_every", "quality_examples")
+_POSITIVE_NUMBERS = ("learning_rate", "grad_clip", "eps")
+_NON_NEGATIVE_NUMBERS = ("weight_decay", "kl_weight", "cond_dropout", "end_learning_rate_fraction")
+
+
+def positive_int(t: ml_collections.ConfigDict, field: str) -> int:
+  """`config.train.<field>`, which must be a positive integer."""
+  value = t[field]
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"config.train.{field} must be a positive integer, got {value!r}")
+  return value
+
+
+def check_train_settings(t: ml_collections.ConfigDict) -> None:
+  """Rejects numeric training settings that would fail (or silently do nothing) later, before
+  anything is loaded or compiled."""
+  for field in _POSITIVE_INTS:
+    positive_int(t, field)
+  for field in _NON_NEGATIVE_INTS:
+    value = t[field]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+      raise ValueError(f"config.train.{field} must be an integer >= 0, got {value!r}")
+  for field in _POSITIVE_NUMBERS + _NON_NEGATIVE_NUMBERS:
+    value = t[field]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) \
+       or value < 0 or (value == 0 and field in _POSITIVE_NUMBERS):
+      kind = "positive" if field in _POSITIVE_NUMBERS else ">= 0"
+      raise ValueError(f"config.train.{field} must be a finite number {kind}, got {value!r}")
+  for field in ("b1", "b2", "ema_decay"):
+    if not 0 <= t[field] < 1:
+      raise ValueError(f"config.train.{field} must be in [0, 1), got {t[field]!r}")
+  if t.decay not in ("cosine", "constant"):
+    raise ValueError(f"config.train.decay must be 'cosine' or 'constant', got {t.decay!r}")
+  part_learning_rates(t)
+  part_batch_sizes(t)
+
+
 def part_learning_rates(t: ml_collections.ConfigDict) -> dict[str, float]:
   """`config.train.part_learning_rates` ("optimus=3e-3,autokl=2e-3") as {part: peak rate}."""
   return _per_part(t, "part_learning_rates", float, "optimus=3e-3,autokl=2e-3")

@@ -17,6 +17,7 @@ import soundfile
 
 from codi_jax import checkpoint
 from codi_jax.data import media
+from codi_jax.modality import Modality
 from codi_jax.parallel.mesh import create_mesh
 from codi_jax.pipeline import CoDiPipeline, load_tokenizers
 from codi_jax.sample.job import SamplingJob, load_pipeline, plan_batches
@@ -127,6 +128,23 @@ def planner(workspace):
     ('{"inputs": {"text": "a"}, "outputs": ["image"], "alignment": "sideways"}',
      "unknown alignment 'sideways'"),
     ("[1, 2]", "a line must be a JSON object, got list"),
+    # Settings the sampler could not serve are refused when the manifest is read, not mid-job.
+    ('{"inputs": {"text": "a"}, "outputs": ["image"], "ddim_steps": 3}',
+     "3 DDIM steps over 1000 timesteps select timestep 1000"),
+    ('{"inputs": {"text": "a"}, "outputs": ["image"], "ddim_steps": 1001}',
+     r"DDIM steps must be in \[1, 1000\]"),
+    ('{"inputs": {"text": "a"}, "outputs": ["image"], "seed": 18446744073709551616}',
+     r"seed must be an integer in \[0, 4294967295\]"),
+    ('{"inputs": {"text": "a"}, "outputs": ["image"], "seed": -1}', "seed must be an integer in"),
+    ('{"inputs": {"text": "a"}, "outputs": ["image"], "image_size": 0}',
+     "image_size must be a positive integer, got 0"),
+    ('{"inputs": {"text": "a"}, "outputs": ["image"], "num_frames": 0}',
+     "num_frames must be a positive integer, got 0"),
+    ('{"inputs": {"text": "a"}, "outputs": ["audio"], "audio_seconds": 0}',
+     "audio_seconds must be positive, got 0"),
+    ('{"inputs": {"text": "a"}, "outputs": ["image"], "guidance_scale": NaN}',
+     "guidance_scale must be a finite number, got nan"),
+    ('{"inputs": {"text": "a"}, "outputs": ["image"], "eta": -0.5}', "eta must be >= 0"),
 ])
 def test_bad_lines_name_their_problem(planner, tmp_path, line, match):
   path = tmp_path / "m.jsonl"
@@ -150,7 +168,7 @@ def test_help_lists_the_flags():
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0
   for flag in ("--ckpt", "--manifest", "--out", "--per_device_batch", "--mesh", "--tokenizers",
-               "--seed"):
+               "--seed", "--on_changed"):
     assert flag in proc.stdout
   top = subprocess.run([sys.executable, "-m", "codi_jax.cli", "--help"], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
@@ -328,3 +346,74 @@ def test_two_processes_share_the_work(workspace, one, tmp_path):
                  item_id)
   failures = (out / "failures.jsonl").read_text().splitlines()
   assert len(failures) == 1 and "unknown modality 'smell'" in failures[0]
+
+
+@pytest.fixture
+def small_job(workspace, tmp_path):
+  """run(lines, **job_options) -> summary: a 1-device job into one --out, run many times."""
+  mesh = create_mesh({"data": -1}, devices=jax.devices()[:1])
+  pipe = load_pipeline(workspace / "ckpt", None, mesh, SHARDING_RULES)
+  manifest, out = tmp_path / "m.jsonl", tmp_path / "out"
+
+  def run(lines, **options):
+    manifest.write_text("".join(json.dumps({**SMALL, **line}) + "\n" for line in lines))
+    items, failures = read_manifest(manifest, pipe.plan, default_options(pipe.config))
+    return SamplingJob(pipe, mesh, SHARDING_RULES, out, progress=False, **options).run(
+        items, failures)
+
+  run.out = out
+  return run
+
+
+def test_a_changed_line_is_regenerated_or_refused(small_job):
+  a = dict(id="a", inputs={"text": "a red ball"}, outputs=["image"], seed=1)
+  b = dict(id="b", inputs={"text": "a blue cube"}, outputs=["image"], seed=2)
+  assert small_job([a, b])["done"] == 2
+  stamp = lambda i: (small_job.out / "items" / i / "result.json").stat().st_mtime_ns
+  before = {i: stamp(i) for i in "ab"}
+  again = small_job([a, b])
+  assert (again["done"], again["skipped"], again["regenerated"]) == (0, 2, 0)
+  b_changed = dict(b, seed=3)
+  with pytest.raises(ValueError, match=r"1 item\(s\) .* other settings or inputs"):
+    small_job([a, b_changed], on_changed="refuse")
+  assert {i: stamp(i) for i in "ab"} == before  # refusing touched nothing
+  rerun = small_job([a, b_changed])
+  assert (rerun["done"], rerun["skipped"], rerun["regenerated"]) == (1, 1, 1)
+  assert stamp("a") == before["a"] and stamp("b") != before["b"]
+  result = json.loads((small_job.out / "items" / "b" / "result.json").read_text())
+  assert result["settings"]["seed"] == 3
+  assert small_job([a, b_changed])["regenerated"] == 0
+
+
+def test_a_batch_that_cannot_run_fails_its_items_not_the_job(small_job, monkeypatch):
+  image = dict(id="image", inputs={"text": "a red ball"}, outputs=["image"])
+  audio = dict(id="audio", inputs={"text": "a low drone"}, outputs=["audio"])
+  text = dict(id="text", inputs={"text": "a cube"}, outputs=["text"])
+  compile_program = SamplingJob._compile
+
+  def failing_compile(self, program, layout):
+    if program.outputs == (Modality.AUDIO,):
+      raise RuntimeError("XLA could not compile this")
+    return compile_program(self, program, layout)
+
+  write = SamplingJob._write
+
+  def failing_write(self, batch, failures):
+    if batch.items[0].id == "text":
+      raise RuntimeError("the program failed while it ran")
+    return write(self, batch, failures)
+
+  monkeypatch.setattr(SamplingJob, "_compile", failing_compile)
+  monkeypatch.setattr(SamplingJob, "_write", failing_write)
+  summary = small_job([audio, image, text])
+  assert (summary["done"], summary["failed"]) == (1, 2)
+  assert summary["samples_per_s"] == summary["items_per_s"]  # failed items are not counted
+  failures = [json.loads(l) for l in (small_job.out / "failures.jsonl").read_text().splitlines()]
+  assert {(f["id"], f["error"], f["message"]) for f in failures} == {
+      ("audio", "RuntimeError", "XLA could not compile this"),
+      ("text", "RuntimeError", "the program failed while it ran")}
+  assert (small_job.out / "summary.json").is_file()
+  assert "XLA could not compile this" in (small_job.out / "index.html").read_text()
+  monkeypatch.undo()  # the rerun makes what failed
+  rerun = small_job([audio, image, text])
+  assert (rerun["done"], rerun["skipped"], rerun["failed"]) == (2, 1, 0)

@@ -9,7 +9,7 @@ import pytest
 
 from codi_jax import components
 from codi_jax.models import autoencoder
-from codi_jax.train import latent_stats, stages
+from codi_jax.train import latent_stats, stages, state
 from codi_jax.train.state import learning_rate_schedule, make_optimizer
 from configs.codi import get_config
 
@@ -147,3 +147,24 @@ def test_the_released_constants_are_untouched():
   vae = components.image_vae_config(model)
   np.testing.assert_array_equal(autoencoder.scale_latent(vae, z), 0.18215 * z)
   np.testing.assert_array_equal(autoencoder.unscale_latent(vae, z), z / 0.18215)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("steps", 0, "steps must be a positive integer, got 0"),
+    ("steps", -5, "steps must be a positive integer"),
+    ("checkpoint_every", 0, "checkpoint_every must be a positive integer, got 0"),
+    ("batch_size", -4, "batch_size must be a positive integer"),
+    ("warmup_steps", -1, "warmup_steps must be an integer >= 0"),
+    ("learning_rate", 0.0, "learning_rate must be a finite number positive"),
+    ("learning_rate", float("nan"), "learning_rate must be a finite number"),
+    ("weight_decay", -0.1, "weight_decay must be a finite number >= 0"),
+    ("ema_decay", 1.0, r"ema_decay must be in \[0, 1\)"),
+    ("decay", "linear", "decay must be 'cosine' or 'constant'"),
+    ("part_learning_rates", "optimus", "part=value"),
+])
+def test_training_settings_are_checked_before_anything_runs(field, value, match):
+  t = get_config("tiny").train
+  state.check_train_settings(t)  # the presets pass
+  t[field] = value
+  with pytest.raises(ValueError, match=match):
+    state.check_train_settings(t)

@@ -321,4 +321,15 @@ def test_train_needs_a_workdir_and_a_known_stage(tmp_path):
                          f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True,
                         timeout=120)
   assert done.returncode != 0 and "unknown stage 'bogus'" in done.stdout + done.stderr
+  done = subprocess.run([sys.executable, "-m", "codi_jax.cli", "train", "--config.train.steps=0",
+                         f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True,
+                        timeout=120)
+  assert done.returncode != 0 and "steps must be a positive integer, got 0" in done.stderr
+  assert "Traceback" not in done.stderr and not list(tmp_path.iterdir())  # nothing was made
+  a_file = tmp_path / "file"
+  a_file.write_text("")
+  done = subprocess.run([sys.executable, "-m", "codi_jax.cli", "train", f"--workdir={a_file}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert done.returncode != 0 and "exists and is not a folder" in done.stderr
+  assert "Traceback" not in done.stderr
 
