@@ -214,12 +214,38 @@ def _extension(name: str) -> str:
 # ------------------------------------------------------------------------------------ webdataset
 
 
+class _StrictTarInfo(tarfile.TarInfo):
+  """Python's tarfile takes a corrupt or cut member header, or a file that stops between members,
+  for the end of the archive and drops the rest silently; this raises instead (as the one header
+  error tarfile does not swallow)."""
+
+  @classmethod
+  def fromtarfile(cls, tar):
+    try:
+      return super().fromtarfile(tar)
+    except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as e:
+      raise tarfile.SubsequentHeaderError(f"bad member header at byte {tar.offset}: {e}") from e
+    except tarfile.EmptyHeaderError:
+      raise tarfile.SubsequentHeaderError(f"the archive ends at byte {tar.offset} without its "
+                                          "end-of-archive block (truncated)") from None
+
+
+def _nonzero_tail(tar: tarfile.TarFile) -> int:
+  """Bytes that are not zero after the block tarfile read as the end of the archive (a member
+  header that was zeroed leaves the members after it there)."""
+  count = 0
+  for chunk in iter(lambda: tar.fileobj.read(1 << 20), b""):
+    count += len(chunk) - chunk.count(0)
+  return count
+
+
 def _tar_samples(path: pathlib.Path,
                  report: ImportReport) -> Iterator[tuple[str, dict[str, bytes]]]:
-  """(key, {extension: bytes}) for runs of consecutive members sharing a key."""
+  """(key, {extension: bytes}) for runs of consecutive members sharing a key. An archive that
+  cannot be read to its end is counted as a corrupt shard; the samples before the damage stay."""
   key, members = None, {}
   try:
-    with tarfile.open(path, mode="r|*") as tar:
+    with tarfile.open(path, mode="r|*", tarinfo=_StrictTarInfo) as tar:
       for info in tar:
         if not info.isfile():
           continue
@@ -238,6 +264,9 @@ def _tar_samples(path: pathlib.Path,
           report.ignore(ext.lower())
           continue
         members[ext.lower()] = data
+      tail = _nonzero_tail(tar)
+      if tail:
+        raise tarfile.ReadError(f"{tail} non-zero bytes after the end-of-archive block")
   except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
     report.reject(FailureReason.CORRUPT_SHARD, path.name,
                   f"unreadable after key {key!r}: {e or type(e).__name__}")

@@ -233,3 +233,29 @@ def test_bad_importer_arguments(tmp_path):
     importers.import_manifest(tmp_path / "m.xml", tmp_path / "out", spec, source="s")
   with pytest.raises(ValueError, match="not found"):
     importers.import_webdataset([tmp_path / "none.tar"], tmp_path / "out", source="s")
+
+
+def _damaged_header(raw: bytes, at: int) -> bytes:
+  return raw[:at + 148] + b"garbage!" + raw[at + 156:]  # the member header's checksum field
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda raw: _damaged_header(raw, 2048), "bad member header at byte 2048: invalid header"),
+    (lambda raw: raw[:2048] + bytes(512) + raw[2560:], "non-zero bytes after the end-of-archive"),
+    (lambda raw: raw[:2048 + 100], "bad member header at byte 2048: truncated header"),
+    (lambda raw: raw[:3072], "ends at byte 3072 without its end-of-archive block"),
+])
+def test_a_damaged_tar_is_counted_not_taken_for_its_end(tmp_path, damage, reason):
+  """tarfile stops at a corrupt or cut header as if the archive ended there; the import counts
+  the shard as corrupt (and keeps the samples before the damage)."""
+  members = [(f"{i:03d}.png", PNG) for i in range(6)]
+  path = _tar(tmp_path / "x.tar", [(n, b"x" * 100) for n, _ in members])  # 1 KiB per member
+  path.write_bytes(damage(path.read_bytes()))
+  report = importers.ImportReport("web")
+  keys = [key for key, _ in importers._tar_samples(path, report)]
+  assert keys == ["000", "001", "002"][:len(keys)] and len(keys) >= 2
+  assert report.rejected == {"corrupt_shard": 1}
+  assert reason in report.failures["corrupt_shard"][0]
+  intact = _tar(tmp_path / "y.tar", [(n, b"x" * 100) for n, _ in members])
+  clean = importers.ImportReport("web")
+  assert len(list(importers._tar_samples(intact, clean))) == 6 and clean.rejected == {}
