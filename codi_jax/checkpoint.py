@@ -28,7 +28,6 @@ import logging
 import os
 import pathlib
 import shutil
-import tempfile
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
@@ -41,6 +40,7 @@ import orbax.checkpoint as ocp
 from codi_jax import components
 from codi_jax.convert import buffers, keymap, torch_io
 from codi_jax.diffusion.schedule import ScheduleConfig
+from codi_jax.io_utils import temp_dir
 
 PyTree = Any
 
@@ -134,7 +134,7 @@ def _staged(directory: str | os.PathLike, overwrite: bool) -> Iterator[pathlib.P
   if directory.exists() and not overwrite:
     raise ValueError(f"{directory} already exists (pass overwrite=True to replace it)")
   directory.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+  tmp = temp_dir(directory)
   try:
     yield tmp
     if directory.exists():

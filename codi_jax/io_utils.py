@@ -1,25 +1,63 @@
 """Atomic file writes: write to a temporary file in the same folder, then rename.
 
-A reader (or a resumed job) never sees a half-written output under its final name.
+A reader (or a resumed job) never sees a half-written output under its final name. Temporary
+files and folders are private while they are written (tempfile makes them 0600 / 0700) and get
+the permissions the user's umask gives once they are made, as files written in place would.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
+import shutil
 import tempfile
+from glob import escape as glob_escape
 from typing import Any
 
 import numpy as np
 
 
+@functools.cache
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def temp_file(path: pathlib.Path) -> str:
+  """A new empty file beside `path` (to be renamed to it), with the umask's permissions."""
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  os.fchmod(fd, 0o666 & ~_umask())
+  os.close(fd)
+  return tmp
+
+
+def temp_dir(directory: pathlib.Path, suffix: str = ".tmp") -> pathlib.Path:
+  """A new empty folder beside `directory` (to be renamed to it), with the umask's permissions."""
+  tmp = pathlib.Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.",
+                                      suffix=suffix))
+  tmp.chmod(0o777 & ~_umask())
+  return tmp
+
+
+def remove_stale_temps(target: pathlib.Path) -> None:
+  """Removes what a killed writer of `target` left beside it (`temp_file` / `temp_dir` names)."""
+  for path in target.parent.glob(f".{glob_escape(target.name)}.*"):
+    if path.name.endswith((".tmp", ".old")):
+      if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+      else:
+        path.unlink(missing_ok=True)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> pathlib.Path:
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  tmp = temp_file(path)
   try:
-    with os.fdopen(fd, "wb") as f:
+    with open(tmp, "wb") as f:
       f.write(data)
       f.flush()
       os.fsync(f.fileno())

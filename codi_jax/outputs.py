@@ -19,13 +19,12 @@ import html
 import os
 import pathlib
 import shutil
-import tempfile
 from typing import Any, Mapping
 
 from codi_jax.audio.mel import SAMPLE_RATE
 from codi_jax.data import media
 from codi_jax.io_utils import (atomic_write_bytes, atomic_write_json, atomic_write_png,
-                               atomic_write_text)
+                               atomic_write_text, remove_stale_temps, temp_dir)
 from codi_jax.modality import Modality
 from codi_jax.pipeline import Generated
 
@@ -103,8 +102,8 @@ def write_outputs(directory: str | os.PathLike, generated: Generated,
   """
   directory = pathlib.Path(directory)
   directory.parent.mkdir(parents=True, exist_ok=True)
-  staging = pathlib.Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.",
-                                          suffix=".tmp"))
+  remove_stale_temps(directory)  # a killed earlier write's
+  staging = temp_dir(directory)
   try:
     copied = {}
     for modality, path in (input_files or {}).items():
@@ -133,8 +132,7 @@ def _swap_into_place(staging: pathlib.Path, directory: pathlib.Path) -> None:
     return
   if not directory.is_dir():
     raise ValueError(f"output path {directory} exists and is not a folder")
-  old = pathlib.Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.",
-                                      suffix=".old"))
+  old = temp_dir(directory, suffix=".old")
   os.replace(directory, old / "previous")
   os.replace(staging, directory)
   shutil.rmtree(old, ignore_errors=True)

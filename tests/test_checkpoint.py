@@ -66,6 +66,27 @@ def test_save_load_round_trip(config, params, tmp_path):
   checkpoint.check_params(config.model, "clap", only["clap"])
 
 
+def test_outputs_get_the_permissions_the_umask_gives(config, params, tmp_path):
+  """Written through a private temporary name, yet readable by others when the umask says so
+  (a gallery served by a web server, a checkpoint a colleague loads)."""
+  import os
+
+  from codi_jax import io_utils
+
+  previous = os.umask(0o022)  # the most common umask
+  io_utils._umask.cache_clear()
+  try:
+    checkpoint.save_model(tmp_path / "ckpt", params, config)
+    io_utils.atomic_write_text(tmp_path / "page.html", "<p>")
+  finally:
+    os.umask(previous)
+    io_utils._umask.cache_clear()
+  assert (tmp_path / "ckpt").stat().st_mode & 0o777 == 0o755
+  assert (tmp_path / "page.html").stat().st_mode & 0o777 == 0o644
+  files = [p for p in (tmp_path / "ckpt").rglob("*") if p.is_file()]
+  assert files and all(p.stat().st_mode & 0o044 == 0o044 for p in files)
+
+
 def test_save_refuses_to_overwrite_unless_asked(config, params, tmp_path):
   one = {"hifigan_vocoder": params["hifigan_vocoder"]}
   checkpoint.save_model(tmp_path / "ckpt", one, config)

@@ -110,9 +110,15 @@ def test_failed_write_leaves_nothing(pipe, tmp_path):
   with pytest.raises(ValueError, match="video must be"):
     write_outputs(tmp_path / "run", bad)
   assert list(tmp_path.iterdir()) == []
+  # What a killed write left (a staging folder, a half-written file) goes with the next write;
+  # another output's leftovers stay.
+  (tmp_path / ".run.k1ll3d.tmp").mkdir()
+  (tmp_path / ".run.k1ll3d.tmp" / "image_0.png").write_bytes(b"half")
+  (tmp_path / ".run.x.old").mkdir()
+  (tmp_path / ".other.k1ll3d.tmp").mkdir()
   first = write_outputs(tmp_path / "run", g, input_text="a")
   assert first["output_files"] == {"image": ["image_0.png"]}
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == [".other.k1ll3d.tmp", "run"]
 
 
 # --- the command ---------------------------------------------------------------------------------

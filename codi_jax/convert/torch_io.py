@@ -21,7 +21,6 @@ import os
 import pathlib
 import pickle
 import sys
-import tempfile
 from collections.abc import Iterator, Mapping
 from typing import Any, Sequence
 
@@ -29,6 +28,7 @@ import numpy as np
 import safetensors.numpy
 
 from codi_jax.convert.keymap import state_shapes
+from codi_jax.io_utils import temp_file
 
 TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -263,8 +263,7 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any],
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   arrays = {k: np.asarray(v, order="C") for k, v in tensors.items()}  # 0-d stays 0-d
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  os.close(fd)
+  tmp = temp_file(path)
   try:
     safetensors.numpy.save_file(arrays, tmp, metadata=dict(metadata) if metadata else None)
     os.replace(tmp, path)

@@ -37,7 +37,6 @@ import json
 import logging
 import os
 import pathlib
-import tempfile
 import time
 from typing import Any, Mapping, NamedTuple, Sequence
 
@@ -51,7 +50,7 @@ from tqdm import tqdm
 from codi_jax import checkpoint, components
 from codi_jax.audio.mel import FRAMES_PER_SECOND, HOP, SAMPLE_RATE
 from codi_jax.data import media, preprocess, records, synthetic
-from codi_jax.io_utils import atomic_write_json
+from codi_jax.io_utils import atomic_write_json, temp_file
 from codi_jax.modality import Modality
 from codi_jax.models import autoencoder, optimus
 from codi_jax.models.clap import clap_encode_audio
@@ -362,8 +361,7 @@ def _record(p: Prepared, features: dict[str, np.ndarray], dtype: StoreDtype
 
 def _write_array_record(path: pathlib.Path, payloads: Sequence[bytes]) -> None:
   """All payloads into one ArrayRecord file, written under a temporary name then renamed."""
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  os.close(fd)
+  tmp = temp_file(path)
   try:
     writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
     for payload in payloads:

@@ -17,10 +17,10 @@ import operator
 import os
 import pathlib
 import struct
-import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from codi_jax.io_utils import temp_file
 from codi_jax.modality import Modality
 
 MAGIC = b"CDRX"
@@ -148,8 +148,7 @@ def write_records(path: str | os.PathLike, examples: Iterable[Example]) -> int:
 
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  os.close(fd)
+  tmp = temp_file(path)
   count = 0
   try:
     writer = array_record_module.ArrayRecordWriter(tmp, _WRITER_OPTIONS)
