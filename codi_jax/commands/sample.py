@@ -39,6 +39,9 @@ MESH = flags.DEFINE_list("mesh", None,
                          "mesh.ici); fsdp > 1 shards the parameters.")
 TOKENIZERS = flags.DEFINE_string("tokenizers", None, common.TOKENIZERS_HELP)
 QUIET = flags.DEFINE_bool("quiet", False, "No progress bar.")
+ALLOW_OUTSIDE_MEDIA = flags.DEFINE_bool(
+    "allow_outside_media", False,
+    "Let manifest lines name media outside the manifest's folder (absolute paths, `..`).")
 ON_CHANGED = flags.DEFINE_enum(
     "on_changed", "regenerate", job_lib.ON_CHANGED,
     "A rerun into the same --out meets items whose outputs were made from other settings or "
@@ -70,7 +73,8 @@ def run() -> dict:
   rules = tuple(tuple(r) for r in config.sharding_rules)
   pipe = load_pipeline(CKPT.value, TOKENIZERS.value, mesh, rules)
   items, failures = read_manifest(MANIFEST.value, pipe.plan,
-                                  default_options(pipe.config, common.SEED.value))
+                                  default_options(pipe.config, common.SEED.value),
+                                  allow_outside=ALLOW_OUTSIDE_MEDIA.value)
   job = SamplingJob(pipe, mesh, rules, OUT.value, per_device_batch=PER_DEVICE_BATCH.value,
                     progress=not QUIET.value, on_changed=ON_CHANGED.value,
                     extra=dict(checkpoint=str(pathlib.Path(CKPT.value).resolve()),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import fractions
 import io
+import re
 
 import numpy as np
 
@@ -44,9 +45,20 @@ class FailureReason(str, enum.Enum):
 class MediaError(ValueError):
   """A blob that cannot be decoded; `.reason` is a `FailureReason` value (a str)."""
 
-  def __init__(self, reason: FailureReason, message: str):
+  def __init__(self, reason: FailureReason | str, message: str):
+    reason = FailureReason(reason)
+    # Decoders name their in-memory input by its repr ("<_io.BytesIO object at 0x...>").
+    message = _IN_MEMORY.sub("the data", message)
     super().__init__(f"{reason.value}: {message}")
     self.reason = reason.value
+    self.detail = message
+
+  def about(self, what: str) -> MediaError:
+    """The same error, naming what was decoded (e.g. the file)."""
+    return MediaError(self.reason, f"{what}: {self.detail}")
+
+
+_IN_MEMORY = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 
 def _check_bytes(data: bytes, what: str) -> bytes:

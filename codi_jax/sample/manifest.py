@@ -5,8 +5,9 @@ r"""The sampling-job manifest: one JSON request per line, every line validated b
 
 Fields: `id` (unique; letters, digits, `.`, `_`, `-`; default: the line number) names the item's
 output folder. `inputs` maps modalities to a text prompt or to media files (image PNG/JPEG, audio
-WAV/FLAC, video MP4), relative to the manifest's folder. `outputs` is a list of modalities (or
-"image,audio"). Optional: `weights` per input, `seed`, `guidance_scale`, `ddim_steps`, `eta`,
+WAV/FLAC, video MP4), relative to the manifest's folder and inside it (an absolute path or one
+climbing out with `..` fails its line unless the job allows it: `--allow_outside_media`).
+`outputs` is a list of modalities (or "image,audio"). Optional: `weights` per input, `seed`, `guidance_scale`, `ddim_steps`, `eta`,
 `num_samples`, `image_size`, `num_frames`, `audio_seconds`, `alignment`, as in `codi-jax generate`
 (defaults: the job's). Blank lines are skipped.
 
@@ -92,7 +93,7 @@ def _item_id(obj: Mapping[str, Any], line: int) -> str:
 
 
 def _parse(obj: Any, line: int, folder: pathlib.Path, plan: Callable[..., Settings],
-           defaults: Mapping[str, Any]) -> Item:
+           defaults: Mapping[str, Any], allow_outside: bool) -> Item:
   """A decoded line -> Item, or ValueError saying what is wrong."""
   item_id = _item_id(obj, line)
   unknown = sorted(set(obj) - set(FIELDS))
@@ -111,6 +112,10 @@ def _parse(obj: Any, line: int, folder: pathlib.Path, plan: Callable[..., Settin
       continue
     if not isinstance(value, str) or not value:
       raise ValueError(f"the {m.value} input must be a file path, got {value!r}")
+    inside = not os.path.isabs(value) and os.path.normpath(value).split(os.sep)[0] != ".."
+    if not inside and not allow_outside:
+      raise ValueError(f"{m.value} file {value!r} is not inside the manifest's folder {folder} "
+                       "(paths are relative to it; --allow_outside_media lifts this)")
     path = folder / value
     if not path.is_file():
       raise ValueError(f"{m.value} file {value} does not exist (looked for {path})")
@@ -137,11 +142,13 @@ def default_options(config: Any, seed: int | None = None) -> dict[str, Any]:
 
 
 def read_manifest(path: str | os.PathLike, plan: Callable[..., Settings],
-                  defaults: Mapping[str, Any] | None = None) -> tuple[list[Item], list[Failure]]:
+                  defaults: Mapping[str, Any] | None = None, *, allow_outside: bool = False
+                  ) -> tuple[list[Item], list[Failure]]:
   """Every line of a manifest -> (valid items, failures), both in line order.
 
   plan: `CoDiPipeline.plan` (validates the settings); defaults: option values for lines that do
-  not give them. Lines whose id is used more than once all fail.
+  not give them. Lines whose id is used more than once all fail. Media paths must stay inside
+  the manifest's folder (relative, not climbing out with `..`) unless `allow_outside`.
   """
   path = pathlib.Path(path)
   if not path.is_file():
@@ -162,7 +169,7 @@ def read_manifest(path: str | os.PathLike, plan: Callable[..., Settings],
         raise ValueError(f"a line must be a JSON object, got {type(obj).__name__}")
       item_id = _item_id(obj, line)
       lines_of.setdefault(item_id, []).append(line)
-      parsed.append(_parse(obj, line, folder, plan, dict(defaults or {})))
+      parsed.append(_parse(obj, line, folder, plan, dict(defaults or {}), allow_outside))
     except (ValueError, TypeError) as e:
       parsed.append(Failure.of(item_id, line, e))
   items, failures = [], []
@@ -189,13 +196,16 @@ def read_input_file(modality: Modality, path: str | os.PathLike, num_frames: int
   if not path.is_file():
     raise ValueError(f"{m.value} file {path} does not exist")
   data = path.read_bytes()
-  if m is Modality.IMAGE:
-    return media.decode_image(data), None
-  if m is Modality.VIDEO:
-    return media.decode_video(data, num_frames), None
-  if m is not Modality.AUDIO:
-    raise ValueError(f"{m.value} inputs are not files")
-  wave = media.decode_audio(data, target_rate=SAMPLE_RATE)  # validates and raises MediaError
+  try:
+    if m is Modality.IMAGE:
+      return media.decode_image(data), None
+    if m is Modality.VIDEO:
+      return media.decode_video(data, num_frames), None
+    if m is not Modality.AUDIO:
+      raise ValueError(f"{m.value} inputs are not files")
+    wave = media.decode_audio(data, target_rate=SAMPLE_RATE)  # validates, raises MediaError
+  except media.MediaError as e:
+    raise e.about(f"{m.value} file {path}") from None
   info = soundfile.info(io.BytesIO(data))
   note = None
   if info.channels != 1 or info.samplerate != SAMPLE_RATE:

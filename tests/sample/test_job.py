@@ -21,7 +21,8 @@ from codi_jax.modality import Modality
 from codi_jax.parallel.mesh import create_mesh
 from codi_jax.pipeline import CoDiPipeline, load_tokenizers
 from codi_jax.sample.job import SamplingJob, load_pipeline, plan_batches
-from codi_jax.sample.manifest import default_options, load_inputs, read_manifest
+from codi_jax.sample.manifest import (default_options, load_inputs, read_input_file,
+                                      read_manifest)
 from configs.codi import SHARDING_RULES, get_config
 from tests import procs
 from tests.conftest import REPO
@@ -128,6 +129,10 @@ def planner(workspace):
     ('{"inputs": {"text": "a"}, "outputs": ["image"], "alignment": "sideways"}',
      "unknown alignment 'sideways'"),
     ("[1, 2]", "a line must be a JSON object, got list"),
+    ('{"inputs": {"image": "/etc/passwd"}, "outputs": ["text"]}',
+     "image file '/etc/passwd' is not inside the manifest's folder"),
+    ('{"inputs": {"image": "sub/../../x.png"}, "outputs": ["text"]}',
+     "image file 'sub/../../x.png' is not inside the manifest's folder"),
     # Settings the sampler could not serve are refused when the manifest is read, not mid-job.
     ('{"inputs": {"text": "a"}, "outputs": ["image"], "ddim_steps": 3}',
      "3 DDIM steps over 1000 timesteps select timestep 1000"),
@@ -417,3 +422,22 @@ def test_a_batch_that_cannot_run_fails_its_items_not_the_job(small_job, monkeypa
   monkeypatch.undo()  # the rerun makes what failed
   rerun = small_job([audio, image, text])
   assert (rerun["done"], rerun["skipped"], rerun["failed"]) == (2, 1, 0)
+
+
+def test_an_unreadable_media_file_is_named_in_its_error(tmp_path):
+  (tmp_path / "bad.png").write_bytes(b"not a png")
+  (tmp_path / "bad.wav").write_bytes(b"RIFF0000")
+  for modality, name in (("image", "bad.png"), ("audio", "bad.wav")):
+    with pytest.raises(media.MediaError) as e:
+      read_input_file(modality, tmp_path / name, 2)
+    assert f"{modality} file {tmp_path / name}: " in str(e.value)
+    assert "BytesIO" not in str(e.value)
+
+
+def test_media_outside_the_manifest_folder_need_a_flag(planner, workspace, tmp_path):
+  line = json.dumps({"inputs": {"image": str(workspace / "in.png")}, "outputs": ["text"]})
+  (tmp_path / "m.jsonl").write_text(line + "\n")
+  items, failures = read_manifest(tmp_path / "m.jsonl", planner.plan)
+  assert not items and "not inside the manifest's folder" in failures[0].message
+  items, failures = read_manifest(tmp_path / "m.jsonl", planner.plan, allow_outside=True)
+  assert not failures and items[0].files[Modality.IMAGE] == workspace / "in.png"
