@@ -177,6 +177,8 @@ def test_cli_end_to_end(media_dir, tmp_path):
     (["--image", "{dir}/notes.txt"], "cannot identify|unsupported|not recognised"),
     (["--text", " "], "--text is empty"),
     (["--text", "a", "--weights", "text=0"], "weight of text must be positive"),
+    (["--text", "a", "--num_frames", "0"], "num_frames must be a positive integer, got 0"),
+    (["--text", "a", "--image_size", "0"], "image_size must be a positive integer, got 0"),
 ])
 def test_cli_errors_leave_no_output(media_dir, tmp_path, args, match):
   out = tmp_path / "gen"
@@ -187,3 +189,12 @@ def test_cli_errors_leave_no_output(media_dir, tmp_path, args, match):
   assert "codi-jax generate: error:" in proc.stderr
   assert re.search(match, proc.stderr, re.IGNORECASE), proc.stderr[-2000:]
   assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_refuses_an_out_that_is_a_file_before_generating(media_dir, tmp_path):
+  out = tmp_path / "a_file"
+  out.write_text("mine")
+  proc = _cli("--ckpt", str(media_dir / "ckpt"), "--text", "a", "--outputs", "image",
+              "--out", str(out))
+  assert proc.returncode != 0 and f"--out {out} exists and is not a folder" in proc.stderr
+  assert out.read_text() == "mine" and "Traceback" not in proc.stderr

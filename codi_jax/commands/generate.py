@@ -93,9 +93,15 @@ def run() -> pathlib.Path:
     raise ValueError("--out is required")
   if not OUTPUTS.value:
     raise ValueError("--outputs is required, e.g. --outputs image,audio")
+  out = pathlib.Path(OUT.value)
+  if out.exists() and not out.is_dir():
+    raise ValueError(f"--out {out} exists and is not a folder")
   outputs = [Modality.parse(m.strip()) for m in OUTPUTS.value]
   weights = parse_weights(WEIGHTS.value)
-  num_frames = NUM_FRAMES.value or checkpoint.load_config(CKPT.value).sample.num_frames
+  num_frames = (checkpoint.load_config(CKPT.value).sample.num_frames if NUM_FRAMES.value is None
+                else NUM_FRAMES.value)
+  if num_frames < 1:
+    raise ValueError(f"--num_frames must be a positive integer, got {num_frames}")
   inputs, files = read_inputs(num_frames)  # bad inputs fail before the model loads
   pipe = CoDiPipeline.from_checkpoint(CKPT.value, TOKENIZERS.value)
   seed = pipe.config.seed if common.SEED.value is None else common.SEED.value
@@ -103,7 +109,6 @@ def run() -> pathlib.Path:
       inputs, outputs, weights=weights, guidance_scale=GUIDANCE.value, ddim_steps=STEPS.value,
       eta=ETA.value, seed=seed, num_samples=NUM_SAMPLES.value, image_size=IMAGE_SIZE.value,
       num_frames=num_frames, audio_seconds=AUDIO_SECONDS.value, alignment=ALIGNMENT.value)
-  out = pathlib.Path(OUT.value)
   write_outputs(out, generated, files, inputs.get(Modality.TEXT),
                 extra=dict(checkpoint=str(pathlib.Path(CKPT.value).resolve()),
                            preset=pipe.config.get("preset")))
