@@ -132,7 +132,8 @@ def _staged(directory: str | os.PathLike, overwrite: bool) -> Iterator[pathlib.P
   error unless `overwrite`."""
   directory = pathlib.Path(directory).absolute()
   if directory.exists() and not overwrite:
-    raise ValueError(f"{directory} already exists (pass overwrite=True to replace it)")
+    raise ValueError(f"{directory} already exists (--overwrite on the command line, or "
+                     "overwrite=True, replaces it)")
   directory.parent.mkdir(parents=True, exist_ok=True)
   tmp = temp_dir(directory)
   try:
