@@ -249,7 +249,9 @@ def make_optimizer(t: ml_collections.ConfigDict, parts: Sequence[str],
   """Per part: global-norm clipping of that part's gradient, then AdamW at the part's learning
   rate (no weight decay on biases, norms and other 1-D leaves). Parts are clipped apart so that
   one part's large gradient (a VAE's) does not shrink another's (Optimus') update. A part with a
-  span (first step, steps) has its schedule over that span (a phase that trains it alone)."""
+  span (first step, steps) is trained alone by one phase: its schedule runs over the span's
+  steps, counted by its own optimiser state, which the steps of other phases leave untouched
+  (`keep_idle_parts`)."""
   rates = part_learning_rates(t)
   unknown = sorted(set(rates) - set(parts))
   if unknown:
@@ -258,8 +260,9 @@ def make_optimizer(t: ml_collections.ConfigDict, parts: Sequence[str],
   decay_mask = lambda params: jax.tree_util.tree_map(lambda x: x.ndim > 1, params)
 
   def one(part: str) -> optax.GradientTransformation:
+    span = (spans or {}).get(part)
     schedule = learning_rate_schedule(t, rates.get(part, t.learning_rate),
-                                      (spans or {}).get(part))
+                                      span and (0, span[1]))
     return optax.chain(
         optax.clip_by_global_norm(t.grad_clip),
         optax.adamw(schedule, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay,
@@ -268,6 +271,20 @@ def make_optimizer(t: ml_collections.ConfigDict, parts: Sequence[str],
   labels = lambda params: {p: jax.tree_util.tree_map(lambda _: p, leaves)
                            for p, leaves in params.items()}
   return optax.multi_transform({p: one(p) for p in parts}, labels)
+
+
+def keep_idle_parts(new: optax.OptState, old: optax.OptState, idle: Sequence[str]
+                    ) -> optax.OptState:
+  """`make_optimizer`'s state after a step, with the parts in `idle` (those the step's phase
+  does not train) as they were. Their masked zero gradients would otherwise advance Adam's step
+  count with no moments behind it: when the part's own phase began, Adam's bias correction would
+  divide near-empty second moments by ~1, inflating its first hundreds of steps by 2-5x (enough
+  to collapse Optimus' encoder), and its schedule would not start at its phase."""
+  if not idle:
+    return new
+  inner = dict(new.inner_states)
+  inner.update({part: old.inner_states[part] for part in idle})
+  return new._replace(inner_states=inner)
 
 
 def state_sharding_like(abstract: TrainState, param_shardings: Flat) -> TrainState:

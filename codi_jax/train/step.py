@@ -26,8 +26,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from codi_jax.modality import Modality
 from codi_jax.parallel.sharding import logical_to_spec, unbox
 from codi_jax.train import objectives, stages
-from codi_jax.train.state import (Flat, TrainState, abstract_part, leaf_sharding,
-                                  learning_rate_schedule, make_optimizer, merge,
+from codi_jax.train.state import (Flat, TrainState, abstract_part, keep_idle_parts,
+                                  leaf_sharding, learning_rate_schedule, make_optimizer, merge,
                                   part_learning_rates, state_sharding_like)
 
 PyTree = Any
@@ -136,6 +136,8 @@ class Trainer:
     schedule = learning_rate_schedule(t, part_learning_rates(t).get(phase.part),
                                       stage.part_spans(int(t.steps)).get(phase.part))
 
+    idle = [p for p in mask if not any(mask[p].values())] if mask else []
+
     def masked(tree):
       if mask is None:
         return tree
@@ -154,6 +156,7 @@ class Trainer:
       grads = masked(grads)
       grad_norm = optax.global_norm(grads)
       updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+      opt_state = keep_idle_parts(opt_state, state.opt_state, idle)
       params = optax.apply_updates(state.params, masked(updates))
       decay = ema_decay(config.train.ema_decay, state.step)
       ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p,

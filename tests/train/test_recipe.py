@@ -74,6 +74,29 @@ def test_each_part_is_clipped_and_stepped_on_its_own():
     make_optimizer(t, ("a", "b"))
 
 
+def test_a_part_trained_in_a_later_phase_starts_its_optimiser_there():
+  """Steps of other phases leave a part's Adam state alone: its first step is Adam's first step
+  (-lr * sign), not one skewed by a step count that ran on while its moments stayed empty."""
+  t = get_config("tiny").train
+  t.update(learning_rate=0.1, warmup_steps=0, decay="cosine", weight_decay=0.0,
+           part_learning_rates="b=0.01")
+  params = {"a": {"w": jnp.zeros(3)}, "b": {"w": jnp.zeros(3)}}
+  opt = make_optimizer(t, ("a", "b"), {"a": (0, 50), "b": (50, 50)})
+  opt_state = opt.init(params)
+  for _ in range(50):  # phase 1 trains a alone
+    grads = {"a": {"w": jnp.ones(3)}, "b": {"w": jnp.zeros(3)}}
+    _, new = opt.update(grads, opt_state, params)
+    opt_state = state.keep_idle_parts(new, opt_state, ["b"])
+  grads = {"a": {"w": jnp.zeros(3)}, "b": {"w": jnp.array([0.3, 0.0, 0.0])}}
+  updates, _ = opt.update(grads, opt_state, params)
+  np.testing.assert_allclose(updates["b"]["w"][0], -0.01, rtol=1e-4)  # the peak, not decayed
+  _, idle_state = opt.update(grads, opt_state, params)
+  kept = state.keep_idle_parts(idle_state, opt_state, ["a"])
+  for x, y in zip(jax.tree_util.tree_leaves(kept.inner_states["a"]),
+                  jax.tree_util.tree_leaves(opt_state.inner_states["a"])):
+    np.testing.assert_array_equal(x, y)
+
+
 def test_a_part_trained_alone_can_have_its_own_batch():
   config = get_config("tiny")
   config.stage = "autoencoders"
