@@ -86,7 +86,22 @@ def main(argv: list[str] | None = None) -> None:
 
   _enable_compilation_cache()
   initialize_from_env()
-  app.run(lambda args: sys.exit(module.main(args)), argv=[f"codi-jax {command}"] + rest)
+  app.run(lambda args: sys.exit(_run(module, command, args)), argv=[f"codi-jax {command}"] + rest)
+
+
+def _run(module, command: str, args: list[str]) -> int:
+  """The command's main; an expected failure (a bad setting or input: ValueError; a file that
+  cannot be read or written: OSError) becomes one line naming it, not a traceback, unless
+  CODI_DEBUG=1."""
+  import os
+
+  try:
+    return module.main(args)
+  except (ValueError, OSError) as e:
+    if os.environ.get("CODI_DEBUG") == "1":
+      raise
+    raise SystemExit(f"codi-jax {command}: error: {e}  (CODI_DEBUG=1 shows the traceback)"
+                     ) from None
 
 
 if __name__ == "__main__":
