@@ -157,20 +157,16 @@ class TorchState(Mapping):
     self._torch = torch
     self._mapped = True
     try:
-      state = torch.load(self.path, weights_only=True, mmap=True, map_location="cpu")
-    except pickle.UnpicklingError as e:
-      # torch's message opens with advice to retry with weights_only=False; name the culprit.
-      lines = [line.strip() for line in str(e).splitlines() if line.strip()] or ["?"]
-      detail = next((line for line in lines if "GLOBAL" in line or "nsupported" in line),
-                    lines[0])
-      raise WeightFileError(f"{self.path}: refusing to load: the pickle holds code or objects "
-                            f"other than tensors ({detail})") from e
+      state = self._load(mmap=True)
     except RuntimeError as e:
       if "mmap" not in str(e):
         raise WeightFileError(f"{self.path}: not a readable PyTorch file ({e})") from e
       # Files from torch < 1.6 (legacy, not zip) cannot be memory-mapped.
       logging.warning("%s: legacy PyTorch format, loading it whole (no mmap)", self.path)
-      state = torch.load(self.path, weights_only=True, map_location="cpu")
+      try:
+        state = self._load(mmap=False)
+      except RuntimeError as e2:
+        raise WeightFileError(f"{self.path}: not a readable PyTorch file ({e2})") from e2
       self._mapped = False
     if not isinstance(state, Mapping):
       raise WeightFileError(f"{self.path}: expected a state dict, found {type(state).__name__}")
@@ -195,6 +191,25 @@ class TorchState(Mapping):
 
   def __iter__(self) -> Iterator[str]:
     return iter(self._state)
+
+  def _load(self, mmap: bool):
+    """torch.load with weights_only=True; a pickle holding code, and bytes that are no pickle at
+    all, become WeightFileErrors (RuntimeError passes, for the legacy-format retry)."""
+    kwargs = dict(weights_only=True, map_location="cpu", **({"mmap": True} if mmap else {}))
+    try:
+      return self._torch.load(self.path, **kwargs)
+    except pickle.UnpicklingError as e:
+      lines = [line.strip() for line in str(e).splitlines() if line.strip()] or ["?"]
+      if any("GLOBAL" in line for line in lines):
+        # torch's message opens with advice to retry with weights_only=False; name the culprit.
+        detail = next(line for line in lines if "GLOBAL" in line)
+        raise WeightFileError(f"{self.path}: refusing to load: the pickle holds code or objects "
+                              f"other than tensors ({detail})") from e
+      detail = next((line for line in lines if "nsupported" in line), lines[0])
+      raise WeightFileError(f"{self.path}: not a readable PyTorch file ({detail})") from e
+    except (EOFError, ValueError, OSError) as e:
+      raise WeightFileError(f"{self.path}: not a readable PyTorch file "
+                            f"({str(e) or type(e).__name__})") from e
 
   def __len__(self) -> int:
     return len(self._state)

@@ -285,3 +285,12 @@ def test_cli_convert_and_export(reference, tmp_path):
   assert back.keys() == small.keys()
   for k in small:
     np.testing.assert_array_equal(back[k], small[k])
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00garbage" * 300, b"PK\x03\x04truncated zip"])
+def test_a_file_that_is_no_pytorch_file_is_named_not_a_traceback(tmp_path, content):
+  pytest.importorskip("torch")
+  path = tmp_path / "weights.pth"
+  path.write_bytes(content)
+  with pytest.raises(torch_io.WeightFileError, match=r"weights.pth: not a readable PyTorch file"):
+    torch_io.open_state(path)
