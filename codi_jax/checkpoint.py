@@ -226,8 +226,9 @@ def load_model(directory: str | os.PathLike, parts: Sequence[str] | None = None
     try:
       out[part] = checkpointer.restore((directory / part).absolute())
     except Exception as e:  # orbax raises many types (OSError, ValueError, tensorstore errors)
-      raise ValueError(f"corrupt checkpoint part {part!r} in {directory}: "
-                       f"{type(e).__name__}: {e}") from e
+      first = str(e).split(". See full TensorStore details")[0].splitlines()
+      raise ValueError(f"corrupt checkpoint part {part!r} in {directory} (a file missing or "
+                       f"damaged): {type(e).__name__}: {first[0] if first else ''}") from e
   return config, out
 
 
