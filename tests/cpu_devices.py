@@ -5,8 +5,8 @@ apart; XLA's default rendezvous timeout then aborts the whole process. Tests wai
 """
 
 PATIENT_COLLECTIVES = ("--xla_cpu_collective_call_warn_stuck_timeout_seconds=600 "
-                       "--xla_cpu_collective_call_terminate_timeout_seconds=3600 "
-                       "--xla_cpu_collective_timeout_seconds=3600")
+                       "--xla_cpu_collective_call_terminate_timeout_seconds=900 "
+                       "--xla_cpu_collective_timeout_seconds=900")
 
 
 def xla_flags(devices: int) -> str:

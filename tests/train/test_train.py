@@ -138,11 +138,13 @@ def test_every_stage_learns_on_a_repeated_batch(stage, random_model, tokenizers)
     assert not set(leaves) & set(state.params.get(part, {}))
 
 
-def test_eight_devices_give_the_losses_of_one(random_model, tokenizers):
-  """Data x fsdp x tensor = (2, 2, 2) with FSDP/tensor-sharded parameters: same numbers."""
-  config = tiny("diffuse_text", random_model, batch_size=8)
+def eight_devices_give_the_losses_of_one(random_model: str) -> None:
+  """Data x fsdp = (2, 4), FSDP-sharded parameters and optimiser state: the numbers of one
+  device. Run by the test below in a process of its own with 8 simulated devices."""
+  config = tiny("diffuse_text", pathlib.Path(random_model), batch_size=8)
+  tokenizers = train_data.load_tokenizers("")
   one = create_mesh({"data": 1}, devices=jax.devices()[:1])
-  eight = create_mesh({"data": 2, "fsdp": 2, "context": 1, "tensor": 2})
+  eight = create_mesh({"data": 2, "fsdp": 4, "context": 1, "tensor": 1})
   losses_1, state_1, _, _ = run_steps(config, one, tokenizers, 3)
   losses_8, state_8, _, _ = run_steps(config, eight, tokenizers, 3)
   # Step 1 sees identical parameters; later steps differ only by reduction order (Adam's
@@ -166,6 +168,27 @@ def test_eight_devices_give_the_losses_of_one(random_model, tokenizers):
                      jax.tree_util.tree_leaves(target)):
     assert a.sharding == t.sharding
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  print("eight devices: same numbers")
+
+
+def test_eight_devices_give_the_losses_of_one(random_model):
+  """In its own process, bounded in time, tried twice: XLA:CPU's in-process collectives can
+  deadlock when simulated devices reach different collectives (seen in a full suite run here:
+  6 devices in a collective-permute, one in an all-reduce, one in an all-gather, forever); a
+  deadlock there is the simulator's, not a difference in the numbers, which fail at once."""
+  code = ("from tests.train.test_train import eight_devices_give_the_losses_of_one as check; "
+          f"check({str(random_model)!r})")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu")
+  for attempt in range(2):
+    proc = procs.start([sys.executable, "-c", code], cwd=REPO, env=env)
+    try:
+      out, = procs.finish([proc], 420)
+    except pytest.fail.Exception:
+      if attempt == 0:
+        continue
+      raise
+    assert proc.returncode == 0 and "eight devices: same numbers" in out, out[-3000:]
+    return
 
 
 # --- the command, killed and resumed ------------------------------------------------------------
