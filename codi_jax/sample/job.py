@@ -332,7 +332,8 @@ class SamplingJob:
       logging.warning("line %d skipped: %s: %s", f.line, f.error, f.message)
     self._fingerprint(items)
     recorded = [_recorded_fingerprint(self.items_dir / it.id) for it in items]
-    complete = np.asarray([r == self._fingerprints[it.id] for it, r in zip(items, recorded)])
+    complete = np.asarray([r == self._fingerprints[it.id] for it, r in zip(items, recorded)],
+                          bool)
     complete = _any_process(complete)  # every process agrees on the work list
     changed = sum(r is not None and not c for r, c in zip(recorded, complete))
     if changed:
