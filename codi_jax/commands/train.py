@@ -39,8 +39,6 @@ def main(argv: list[str]) -> int:
   except NonFiniteLoss as e:
     print(f"codi-jax train: stopped: {e}")
     return 3
-  except (ValueError, FileNotFoundError) as e:  # bad settings or inputs: one line, no traceback
-    raise SystemExit(f"codi-jax train: error: {e}") from None
   result = {k: v for k, v in vars(summary).items()}
   print(json.dumps(result, indent=2))
   if summary.preempted:
