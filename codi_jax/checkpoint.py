@@ -420,23 +420,45 @@ def convert_files(paths: Sequence[str | os.PathLike], config: Any, out: str | os
   checkpoint is assembled beside `out` and renamed into place; a failure leaves nothing there.
   """
   state = torch_io.open_states(paths)
-  result = check_state(state, config, allow_missing)
-  if not result.ok:
-    raise ConversionError("weight files do not match the model:\n" + result.table())
-  if not result.parts:
-    raise ConversionError("no part was loaded:\n" + result.table())
+  result = _checked(state, config, allow_missing)
   with _staged(out, overwrite) as tmp:
-    for part in result.parts:
-      tree, report = part_from_state(config.model, part, _Subset(state, result.routed[part]))
-      if not report.ok:  # the files changed since they were checked
-        raise ConversionError(f"{part}: weight files changed while converting:\n"
-                              + report.summary())
+    for part, tree in _converted_parts(state, config, result):
       _save_part(tmp, part, tree)
       del tree
       logging.info("converted %s", part)
     (tmp / CONFIG_FILE).write_text(_config_json(config))
   logging.info("wrote %s with parts %s", out, result.parts)
   return result
+
+
+def convert_state(state: Mapping[str, np.ndarray], config: Any, *,
+                  allow_missing: Sequence[str] = ()) -> tuple[ConversionResult, dict[str, PyTree]]:
+  """`convert_files` in memory: an original CoDi state dict (original keys, torch layouts, any
+  float dtype) -> (result, {part: tree}) for `config`'s model, with the same checks (raises
+  ConversionError with the table when the keys do not match)."""
+  result = _checked(state, config, allow_missing)
+  return result, dict(_converted_parts(state, config, result))
+
+
+def _checked(state: Mapping[str, np.ndarray], config: Any, allow_missing: Sequence[str]
+             ) -> ConversionResult:
+  result = check_state(state, config, allow_missing)
+  if not result.ok:
+    raise ConversionError("weight files do not match the model:\n" + result.table())
+  if not result.parts:
+    raise ConversionError("no part was loaded:\n" + result.table())
+  return result
+
+
+def _converted_parts(state: Mapping[str, np.ndarray], config: Any, result: ConversionResult
+                     ) -> Iterator[tuple[str, PyTree]]:
+  """(part, tree) of every complete part, one at a time (one tensor read at a time)."""
+  for part in result.parts:
+    tree, report = part_from_state(config.model, part, _Subset(state, result.routed[part]))
+    if not report.ok:  # the files changed since they were checked
+      raise ConversionError(f"{part}: weight files changed while converting:\n"
+                            + report.summary())
+    yield part, tree
 
 
 def _part_trees(tree: PyTree) -> list[PyTree]:
