@@ -93,10 +93,13 @@ class PromptEncoders:
 
 @dataclasses.dataclass(frozen=True)
 class Conditions:
-  """The guidance pair: mixed condition and mixed null tokens, both [B, 1, D] float32."""
+  """The guidance pair: mixed condition and mixed null tokens, both [B, 1, D] float32, and each
+  input's own (condition, null) tokens before mixing, in input order."""
 
   cond: jax.Array
   uncond: jax.Array
+  inputs: Mapping[Modality, tuple[jax.Array, jax.Array]] = dataclasses.field(
+      default_factory=dict)
 
 
 def encode_conditions(encoders: PromptEncoders, inputs: Mapping[Modality | str, Any],
@@ -118,7 +121,8 @@ def encode_conditions(encoders: PromptEncoders, inputs: Mapping[Modality | str, 
   if len(set(batches.values())) > 1:
     raise ValueError(f"inputs have different batch sizes: {batches}")
   uncond = {m: encoders.null(m, x) for m, x in parsed.items()}
-  return Conditions(mix_conditions(cond, weights), mix_conditions(uncond, weights))
+  return Conditions(mix_conditions(cond, weights), mix_conditions(uncond, weights),
+                    {m: (cond[m], uncond[m]) for m in parsed})
 
 
 def _texts(data: str | Sequence[str]) -> list[str]:

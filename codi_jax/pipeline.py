@@ -6,14 +6,24 @@ and mixed by weights with its null token beside it (`conditioning.encode_conditi
 requested outputs' latents start from one seeded noise draw and are denoised JOINTLY by the DDIM
 sampler with classifier-free guidance; the latents are then decoded: the image VAE (per frame for
 video), the audio VAE -> the audio decoder (`config.model.audio_decoder`: the HiFi-GAN vocoder,
-or Griffin-Lim on the tiny preset; trimmed to the requested length), and Optimus' GPT-2 decoder
--> GPT-2 tokenizer text. Everything is deterministic from the seed, row by row: sample i of a
-request draws its noise, its DDIM eta noise and its text tokens from (seed, i) alone, so the
-same request gives the same result alone (`generate`) or batched with others (`codi_jax.sample`).
+or Griffin-Lim on the tiny preset), and Optimus' GPT-2 decoder -> GPT-2 tokenizer text.
+Everything is deterministic from the seed, row by row: sample i of a request draws its noise, its
+DDIM eta noise and its text tokens from (seed, i) alone, so the same request gives the same result
+alone (`generate`) or batched with others (`codi_jax.sample`). `initial_noise` replaces the drawn
+x_T with given latents, e.g. to reproduce a run of the original from its noise.
+
+Where ours and the original's inference differ on purpose (pixel rounding, audio trimming, the
+original's 512 x 512 regularisation and random flip of image inputs), `config.sample` chooses
+(`codi_jax.pipeline_options`); the `full` preset behaves as the original. The end-to-end parity
+(`codi_jax.parity.e2e`) runs this pipeline against recorded runs of the original's inference.
 
 Inputs: text a non-empty string; image uint8 [H, W, 3]; video uint8 [F, H, W, 3]; audio float32
 [S] mono at 16 kHz. Outputs (`Generated`): N samples each, image uint8 [N, H, W, 3], video uint8
-[N, F, H, W, 3], audio float32 [N, S] at 16 kHz, text N strings.
+[N, F, H, W, 3], audio float32 [N, S] at 16 kHz (S: the requested length when
+`config.sample.trim_audio`, else the whole decoded wave), text N strings.
+Latents (x_T, `initial_noise`) are channels last: image [N, h, w, 4], video [N, F, h, w, 4],
+audio [N, t, m, 8] (t mel frames / 4, m = 16 bins), text [N, 768] (the original's are channels
+first: [N, 4, h, w], [N, 4, F, h, w], [N, 8, t, m]).
 """
 
 from __future__ import annotations
@@ -32,21 +42,25 @@ import numpy as np
 from codi_jax import checkpoint, components
 from codi_jax.audio import decoder as audio_decoder
 from codi_jax.audio.mel import HOP, N_MELS, SAMPLE_RATE
-from codi_jax.conditioning import PromptEncoders, encode_conditions, normalized_weights
+from codi_jax.conditioning import (Conditions, PromptEncoders, encode_conditions,
+                                   normalized_weights)
 from codi_jax.data.preprocess import to_unit_range
-from codi_jax.diffusion.ddim import DDIMSampler, initial_noise
+from codi_jax.diffusion.ddim import DDIMSampler
+from codi_jax.diffusion.ddim import initial_noise as initial_noise_draw
 from codi_jax.diffusion.schedule import ScheduleConfig, ddim_parameters, ddpm_schedule
 from codi_jax.modality import Alignment, Modality
 from codi_jax.models import autoencoder, optimus, optimus_decode, vocoder
 from codi_jax.models.clip import FrozenCLIP
 from codi_jax.models.codi import CoDiUNet, codi_config_from_dict
+from codi_jax.pipeline_options import (PipelineOptions, TextDecoding, quantize_pixels,
+                                       regularize_image)
 from codi_jax.text import CLIPTokenizer, GPT2Tokenizer, vocab_dir
 from codi_jax.text.bpe import clean_generated
 
 PyTree = Any
 
 PARTS = checkpoint.PARTS  # a pipeline needs every part
-_RNG_NOISE, _RNG_ETA, _RNG_TEXT = 0, 1, 2  # streams of a request's seed
+_RNG_NOISE, _RNG_ETA, _RNG_TEXT, _RNG_IMAGE = 0, 1, 2, 3  # streams of a request's seed
 MAX_SEED = 2 ** 32 - 1  # a seed is a JAX PRNG seed: 32 bits; larger ones would be truncated
 # The parts that decode each output's latents.
 _DECODERS = {Modality.IMAGE: ("autokl",), Modality.VIDEO: ("autokl",),
@@ -86,6 +100,8 @@ class Settings:
   audio_seconds: float
   alignment: str
   latent_shapes: dict[str, list[int]]
+  text_decoding: str = TextDecoding.SAMPLE.value
+  image_flip: bool | None = None  # mirror image inputs (None: as `config.sample` says)
 
   def as_json(self) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in
@@ -130,14 +146,18 @@ class Program:
   ddim_steps: int
   eta: float
   alignment: Alignment
+  text_decoding: TextDecoding = TextDecoding.SAMPLE
+  # Also return every step's latents and the decoders' raw outputs (`program_fn`).
+  trace: bool = False
 
   @classmethod
-  def of(cls, settings: Settings) -> Program:
+  def of(cls, settings: Settings, *, trace: bool = False) -> Program:
     outputs = tuple(Modality(m) for m in settings.outputs)
     return cls(outputs=outputs,
                row_shapes=tuple((m, tuple(settings.latent_shapes[m.value][1:])) for m in outputs),
                num_samples=settings.num_samples, ddim_steps=settings.ddim_steps,
-               eta=settings.eta, alignment=Alignment(settings.alignment))
+               eta=settings.eta, alignment=Alignment(settings.alignment),
+               text_decoding=TextDecoding(settings.text_decoding), trace=trace)
 
 
 def _is_integer(value: Any) -> bool:
@@ -151,7 +171,8 @@ def _unet_factor(branch) -> int:
 
 
 def _check_input(m: Modality, data: Any) -> Any:
-  """One user input, validated -> what `encode_conditions` takes for a batch of one."""
+  """One user input, validated: text as a batch of one, audio float32 [1, S], image and video
+  as given (uint8)."""
   if m is Modality.TEXT:
     if not isinstance(data, str):
       raise ValueError(f"text input must be a string, got {type(data).__name__}")
@@ -170,7 +191,26 @@ def _check_input(m: Modality, data: Any) -> Any:
   if x.dtype != np.uint8 or x.ndim != rank or x.shape[-1] != 3 or 0 in x.shape:
     raise ValueError(f"{m.value} input must be non-empty uint8 {layout} RGB, got {x.dtype} "
                      f"{x.shape}")
-  return to_unit_range(x)[None]  # [1, ...] in [-1, 1]
+  return x
+
+
+def _given_noise(shapes: Mapping[Modality, tuple[int, ...]], noise: Mapping[Modality | str, Any]
+                 ) -> dict[Modality, np.ndarray]:
+  """`initial_noise`, validated against the planned latent shapes -> float32 host arrays."""
+  given = {Modality.parse(k): v for k, v in noise.items()}
+  if sorted(given) != sorted(shapes):
+    raise ValueError(f"initial_noise is given for {sorted(m.value for m in given)}, the outputs "
+                     f"are {sorted(m.value for m in shapes)}")
+  out = {}
+  for m, v in given.items():
+    x = np.asarray(v)
+    if x.shape != shapes[m] or not np.issubdtype(x.dtype, np.floating):
+      raise ValueError(f"initial_noise[{m.value}] must be a float latent {list(shapes[m])} "
+                       f"(channels last), got {x.dtype} {list(x.shape)}")
+    if not np.all(np.isfinite(x)):
+      raise ValueError(f"initial_noise[{m.value}] contains NaN or infinite values")
+    out[m] = x.astype(np.float32)
+  return out
 
 
 def _place(tree: PyTree, shardings: PyTree | None) -> PyTree:
@@ -204,6 +244,7 @@ class CoDiPipeline:
     for p in PARTS:
       checkpoint.check_params(config.model, p, params[p])
     self.config = config
+    self.options = PipelineOptions.from_config(config.sample)
     self.tokenizers = tokenizers
     shardings = dict(shardings or {})
     self.params = {p: _place(nn.meta.unbox(params[p]), shardings.get(p)) for p in PARTS}
@@ -264,12 +305,14 @@ class CoDiPipeline:
         shapes[m] = (n, c)
     return shapes
 
-  def _sampler(self, alignment: Alignment, ddim_steps: int, eta: float) -> DDIMSampler:
-    key = (alignment, ddim_steps, eta)
+  def _sampler(self, alignment: Alignment, ddim_steps: int, eta: float, trace: bool
+               ) -> DDIMSampler:
+    key = (alignment, ddim_steps, eta, trace)
     if key not in self._samplers:
       model = CoDiUNet(dataclasses.replace(self.codi_config, alignment=alignment))
       self._samplers[key] = DDIMSampler(lambda p, x, t, c: model.apply({"params": p}, x, t, c),
-                                        ddim_steps, eta, schedule=self.schedule)
+                                        ddim_steps, eta, schedule=self.schedule,
+                                        return_intermediates=trace)
     return self._samplers[key]
 
   # --- generation, in reusable steps --------------------------------------------------------
@@ -284,8 +327,9 @@ class CoDiPipeline:
            weights: Mapping[Modality | str, float] | None = None, guidance_scale: float = 7.5,
            ddim_steps: int = 50, eta: float = 0.0, seed: int = 0, num_samples: int = 1,
            image_size: int | None = None, num_frames: int | None = None,
-           audio_seconds: float | None = None, alignment: Alignment | str | None = None
-           ) -> Settings:
+           audio_seconds: float | None = None, alignment: Alignment | str | None = None,
+           text_decoding: TextDecoding | str = TextDecoding.SAMPLE,
+           image_flip: bool | None = None) -> Settings:
     """Every setting of one request, validated and with defaults filled (see `generate`)."""
     sample = self.config.sample
     given = list(inputs)
@@ -327,6 +371,17 @@ class CoDiPipeline:
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if not audio_seconds > 0:
       raise ValueError(f"audio_seconds must be positive, got {audio_seconds}")
+    try:
+      decoding = TextDecoding(text_decoding)
+    except ValueError:
+      raise ValueError(f"text_decoding must be one of {[d.value for d in TextDecoding]}, got "
+                       f"{text_decoding!r}") from None
+    if image_flip is not None:
+      if not isinstance(image_flip, (bool, np.bool_)):
+        raise ValueError(f"image_flip must be true, false or None, got {image_flip!r}")
+      if not self.options.image_prompt_size:
+        raise ValueError("image_flip is given, but this config does not regularise image inputs "
+                         "(config.sample.image_prompt_size is 0)")
     # The DDIM schedule the request would run (cheap, host-side): step counts it cannot serve
     # and a negative eta fail here, before any batch is built.
     ddim_parameters(int(ddim_steps), float(eta), ddpm_schedule(self.schedule))
@@ -339,25 +394,52 @@ class CoDiPipeline:
         guidance_scale=float(guidance_scale), ddim_steps=int(ddim_steps), eta=float(eta),
         seed=int(seed), num_samples=int(num_samples), image_size=int(image_size),
         num_frames=int(num_frames), audio_seconds=float(audio_seconds), alignment=align.value,
-        latent_shapes={m.value: list(s) for m, s in shapes.items()})
+        latent_shapes={m.value: list(s) for m, s in shapes.items()},
+        text_decoding=decoding.value, image_flip=None if image_flip is None else bool(image_flip))
 
-  def prepare(self, settings: Settings, inputs: Mapping[Modality | str, Any]) -> Rows:
-    """One request's `num_samples` rows: its mixed condition and null tokens (encoded once),
-    the initial noise drawn from its seed, and its per-row DDIM and text keys."""
+  def condition_input(self, settings: Settings, modality: Modality | str, data: Any) -> Any:
+    """One user input, validated and prepared as the prompt encoders take it (a batch of one):
+    an image input regularised as `config.sample` says (`pipeline_options`; the flip from
+    `settings.image_flip`, else drawn from the seed, as is the crop of a non-square image)."""
+    m = Modality.parse(modality)
+    x = _check_input(m, data)
+    size = self.options.image_prompt_size
+    if m is not Modality.IMAGE or not size:
+      return to_unit_range(x)[None] if m in (Modality.IMAGE, Modality.VIDEO) else x
+    rng = np.random.default_rng((settings.seed, _RNG_IMAGE))
+    drawn_flip = bool(rng.random() < 0.5)
+    flip = settings.image_flip if settings.image_flip is not None else (
+        self.options.image_prompt_flip and drawn_flip)
+    offset = int(rng.integers(max(x.shape[:2]) - min(x.shape[:2]) + 1))
+    return regularize_image(x, size, flip=flip, offset=offset)[None]  # [1, S, S, 3]
+
+  def conditions(self, settings: Settings, inputs: Mapping[Modality | str, Any]) -> Conditions:
+    """One request's condition and null tokens, mixed and per input ([1, 1, D] each)."""
     parsed = {Modality.parse(k): v for k, v in inputs.items()}
     if sorted(m.value for m in parsed) != sorted(settings.inputs):
       raise ValueError(f"inputs {sorted(m.value for m in parsed)} are not the planned "
                        f"{list(settings.inputs)}")
-    checked = {m: _check_input(m, v) for m, v in parsed.items()}
-    conditions = encode_conditions(self.encoders, checked, settings.weights)
+    checked = {m: self.condition_input(settings, m, v) for m, v in parsed.items()}
+    return encode_conditions(self.encoders, checked, settings.weights)
+
+  def prepare(self, settings: Settings, inputs: Mapping[Modality | str, Any],
+              initial_noise: Mapping[Modality | str, Any] | None = None) -> Rows:
+    """One request's `num_samples` rows: its mixed condition and null tokens (encoded once),
+    the initial noise (`initial_noise`, else drawn from its seed), and its per-row DDIM and text
+    keys."""
+    conditions = self.conditions(settings, inputs)
     n = settings.num_samples
     batch = (n,) + conditions.cond.shape[1:]  # [N, 1, D]
     rng = jax.random.key(settings.seed)
     shapes = {Modality(m): tuple(s) for m, s in settings.latent_shapes.items()}
-    x_T = initial_noise(jax.random.fold_in(rng, _RNG_NOISE), shapes)
+    if initial_noise is None:
+      x_T = {m: np.asarray(v) for m, v in
+             initial_noise_draw(jax.random.fold_in(rng, _RNG_NOISE), shapes).items()}
+    else:
+      x_T = _given_noise(shapes, initial_noise)
     keys = lambda stream: np.asarray(jax.random.key_data(
         jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(rng, stream), i))(jnp.arange(n))))
-    return Rows(x_T={m: np.asarray(v) for m, v in x_T.items()},
+    return Rows(x_T=x_T,
                 cond=np.broadcast_to(np.asarray(conditions.cond, np.float32), batch),
                 uncond=np.broadcast_to(np.asarray(conditions.uncond, np.float32), batch),
                 guidance=np.full((n,), settings.guidance_scale, np.float32),
@@ -372,29 +454,49 @@ class CoDiPipeline:
 
   def program_fn(self, program: Program) -> Callable[[PyTree, Rows], dict[str, jax.Array]]:
     """The pure function `(program_params, rows) -> raw outputs` for rows of `program`'s shape:
-    joint DDIM from x_T, then decoding. Raw outputs, one row each: image/video uint8, audio the
-    full decoded wave float32 [B, L] (trimmed by `finish`), text_ids [B, T] / text_lengths [B]."""
-    sampler = self._sampler(program.alignment, program.ddim_steps, program.eta)
+    joint DDIM from x_T, then decoding. Raw outputs, one row each: image/video uint8
+    (`config.sample.pixel_quantization`), audio the full decoded wave float32 [B, L] (trimmed by
+    `finish` if `config.sample.trim_audio`), text_ids [B, T] / text_lengths [B].
+
+    With `program.trace` also, per output m: `latent_<m>` (the final latent), `x_t_<m>` and
+    `pred_x0_<m>` [B, steps, ...] (every DDIM step's), `decoded_<m>` (image/video: the VAE's
+    float output before quantisation), `mel_audio` [B, T, 64, 1] (the audio VAE's log-mel) and
+    `text_latent` [B, Z] (what the GPT-2 decoder reads: latent / scale factor + shift).
+    """
+    sampler = self._sampler(program.alignment, program.ddim_steps, program.eta, program.trace)
     n = program.num_samples
+    pixels = self.options.pixel_quantization
+    greedy = program.text_decoding is TextDecoding.GREEDY
 
     def run(params: PyTree, rows: Rows) -> dict[str, jax.Array]:
-      latents = sampler(params["diffusers"], rows.x_T, rows.cond, rows.uncond, rows.guidance,
-                        jax.random.wrap_key_data(rows.eta_keys)).samples
+      sampled = sampler(params["diffusers"], rows.x_T, rows.cond, rows.uncond, rows.guidance,
+                        jax.random.wrap_key_data(rows.eta_keys))
       out = {}
-      for m, z in latents.items():
+      for m, z in sampled.samples.items():
+        if program.trace:
+          out[f"latent_{m.value}"] = z
+          out[f"x_t_{m.value}"] = jnp.moveaxis(sampled.x_t[m], 0, 1)  # [B, steps, ...]
+          out[f"pred_x0_{m.value}"] = jnp.moveaxis(sampled.pred_x0[m], 0, 1)
         if m in (Modality.IMAGE, Modality.VIDEO):
           x = autoencoder.decode_image(self.image_vae, params["autokl"], z)
-          out[m.value] = jnp.round((jnp.clip(x.astype(jnp.float32), -1.0, 1.0) + 1.0) * 127.5
-                                   ).astype(jnp.uint8)
+          out[m.value] = quantize_pixels(x, pixels)
+          if program.trace:
+            out[f"decoded_{m.value}"] = x
         elif m is Modality.AUDIO:
           # The original clips a batch's latents together: here, each request's rows together.
           mel = autoencoder.decode_audio(self.audio_vae, params["audioldm_vae"], z, clip_group=n)
           out[m.value] = audio_decoder.mel_to_wave(  # [B, L]
               self.config.model, mel[..., 0], self.vocoder, params["hifigan_vocoder"])
+          if program.trace:
+            out["mel_audio"] = mel
         else:
-          generated = optimus_decode.codi_generate(self.optimus, params["optimus"], z,
-                                                   jax.random.wrap_key_data(rows.text_keys))
+          latent = optimus_decode.decoder_latent(self.optimus.config, z)
+          generated = optimus_decode.generate(self.optimus, params["optimus"], latent,
+                                              jax.random.wrap_key_data(rows.text_keys),
+                                              greedy=greedy)
           out["text_ids"], out["text_lengths"] = generated.ids, generated.lengths
+          if program.trace:
+            out["text_latent"] = latent
       return out
 
     return run
@@ -407,8 +509,9 @@ class CoDiPipeline:
       if m in (Modality.IMAGE, Modality.VIDEO):
         out[name] = np.asarray(raw[name], np.uint8)
       elif m is Modality.AUDIO:
-        length = round(settings.audio_seconds * SAMPLE_RATE)
-        out[name] = np.asarray(raw[name][:, :length], np.float32)  # [N, S]
+        wave = np.asarray(raw[name], np.float32)  # [N, L]
+        out[name] = wave[:, :round(settings.audio_seconds * SAMPLE_RATE)] \
+            if self.options.trim_audio else wave
       else:
         ids, lengths = np.asarray(raw["text_ids"]), np.asarray(raw["text_lengths"])
         out[name] = [clean_generated(self.tokenizers.gpt2.decode_generated(row[:n].tolist()))
@@ -420,18 +523,29 @@ class CoDiPipeline:
                guidance_scale: float = 7.5, ddim_steps: int = 50, eta: float = 0.0,
                seed: int = 0, num_samples: int = 1, image_size: int | None = None,
                num_frames: int | None = None, audio_seconds: float | None = None,
-               alignment: Alignment | str | None = None) -> Generated:
+               alignment: Alignment | str | None = None,
+               text_decoding: TextDecoding | str = TextDecoding.SAMPLE,
+               image_flip: bool | None = None,
+               initial_noise: Mapping[Modality | str, Any] | None = None) -> Generated:
     """Generate `outputs` conditioned on `inputs` (see the module docstring for the layouts).
 
     weights: per input modality (default equal), positive, normalised to sum 1.
     image_size, num_frames, audio_seconds: output sizes (default: `config.sample`'s).
     alignment: self | others (default: the model config's).
+    text_decoding: "sample" (the original's draw from the softmax) or "greedy" (argmax).
+    image_flip: mirror an image input left-right (True/False), where the config regularises image
+      inputs as the original does (`config.sample.image_prompt_size`); None: drawn from the seed
+      when `config.sample.image_prompt_flip`, as the original's random flip, else never.
+    initial_noise: {output: x_T} to start from instead of noise drawn from the seed, each float
+      [num_samples, ...latent], channels last (`latent_shapes`; the original's channels-first
+      latents need their channel axis moved last, `convert.layout.to_channels_last`).
     """
     settings = self.plan(inputs, outputs, weights=weights, guidance_scale=guidance_scale,
                          ddim_steps=ddim_steps, eta=eta, seed=seed, num_samples=num_samples,
                          image_size=image_size, num_frames=num_frames,
-                         audio_seconds=audio_seconds, alignment=alignment)
-    rows = self.prepare(settings, inputs)
+                         audio_seconds=audio_seconds, alignment=alignment,
+                         text_decoding=text_decoding, image_flip=image_flip)
+    rows = self.prepare(settings, inputs, initial_noise)
     program = Program.of(settings)
     if program not in self._programs:
       self._programs[program] = jax.jit(self.program_fn(program))

@@ -198,11 +198,17 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   config.diffusion = ml_collections.ConfigDict(dict(
       num_timesteps=1000, beta_start=0.00085, beta_end=0.012))
 
+  # Where our inference and the original's differ on purpose (`codi_jax.pipeline_options`):
+  # `full` (the released weights, converted) behaves as the original: pixels truncated, the
+  # vocoder's whole output, image inputs regularised to 512 x 512 and randomly mirrored first.
+  original = arg == "full"
   config.sample = ml_collections.ConfigDict(dict(
       ddim_steps=p["ddim_steps"], eta=0.0, guidance_scale=7.5, num_samples=2,
       image_latent_size=p["image_latent"], num_frames=p["num_frames"],
       audio_latent_frames=p["audio_latent"][0], audio_latent_bins=p["audio_latent"][1],
-      outputs="image,video,audio,text"))
+      outputs="image,video,audio,text",
+      pixel_quantization="truncate" if original else "round", trim_audio=not original,
+      image_prompt_size=512 if original else 0, image_prompt_flip=original))
 
   # Training (`codi-jax train`, `codi_jax.train`): the stage, where it starts from, its optimiser
   # and its data. init_from: comma-separated model checkpoints (`codi_jax.checkpoint` folders,

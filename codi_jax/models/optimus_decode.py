@@ -28,7 +28,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from codi_jax.models.optimus import (BOS_ID, EOS_ID, PAD_ID, KVCache, Optimus,
+from codi_jax.models.optimus import (BOS_ID, EOS_ID, PAD_ID, KVCache, Optimus, OptimusConfig,
                                      check_latent)
 
 
@@ -161,10 +161,13 @@ def generate(model: Optimus, params, z: jax.Array, rng: jax.Array, *, max_length
   return _generate_jit(model, max_length, params, z.astype(jnp.float32), rng, **scalars)
 
 
+def decoder_latent(config: OptimusConfig, z: jax.Array) -> jax.Array:
+  """Diffusion latent -> the latent GPT-2 reads: z / scale_factor (+ shift_factor, 0 for the
+  released model), as CoDi's `optimus_decode` divides by its text scale factor."""
+  return jnp.asarray(z) / config.scale_factor + config.shift_factor
+
+
 def codi_generate(model: Optimus, params, z: jax.Array, rng: jax.Array, **kwargs
                   ) -> Generated:
-  """CoDi's `optimus_decode` on diffusion latents: z / scale_factor (+ shift_factor, 0 for the
-  released model), then `generate`."""
-  cfg = model.config
-  return generate(model, params, jnp.asarray(z) / cfg.scale_factor + cfg.shift_factor, rng,
-                  **kwargs)
+  """CoDi's `optimus_decode` on diffusion latents: `decoder_latent`, then `generate`."""
+  return generate(model, params, decoder_latent(model.config, z), rng, **kwargs)
