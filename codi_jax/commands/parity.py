@@ -31,8 +31,8 @@ TOKENIZERS = flags.DEFINE_string("tokenizers", None, common.TOKENIZERS_HELP)
 def _print_file(name: str, rows: dict[str, parity.Row]) -> None:
   for key, row in rows.items():
     status = "pass" if row.passed else "FAIL"
-    note = f"  ({row.error})" if row.error else ""
-    print(f"{status}  {name:24s} {key:48s} max_abs={row.max_abs:.3e}  tol={row.tol:.3e}{note}")
+    note = "".join(f"  ({text})" for text in (row.note, row.error) if text)
+    print(f"{status}  {name:24s} {key:56s} max_abs={row.max_abs:.3e}  tol={row.tol:.3e}{note}")
   sys.stdout.flush()
 
 

@@ -10,11 +10,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from codi_jax.text import vocab_dir
+
+
+# The kind of an end-to-end fixture (`tests/fixtures/codi_e2e/README.md`), which records the
+# original's whole inference and so names no `component`: its config has the model's `codi_cfg`.
+E2E_KIND = "CoDi inference (end to end)"
+
+
+class Covered(NamedTuple):
+  """What a handler returns for a stored output no port can recompute (a torch RNG draw): it
+  passes exactly when the named outputs, which check the same thing another way, all pass."""
+
+  reason: str
+  by: tuple[str, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +46,11 @@ class Fixture:
   @property
   def component(self) -> str:
     return str(self.config.get("component", ""))
+
+  @property
+  def kind(self) -> str:
+    """What the fixture records: its `component`, or `E2E_KIND` for a whole-pipeline run."""
+    return self.component or (E2E_KIND if "codi_cfg" in self.config else "")
 
   def vocab_file(self, name: str) -> pathlib.Path:
     """A real tokenizer vocabulary file, from `vocab_dir()` ($CODI_TOKENIZERS or the bundled
