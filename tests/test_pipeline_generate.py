@@ -14,6 +14,7 @@ from codi_jax import checkpoint
 from codi_jax.data import media
 from codi_jax.outputs import write_outputs
 from codi_jax.pipeline import CoDiPipeline, Generated, load_tokenizers
+from codi_jax.pipeline_options import ORIGINAL
 from configs.codi import get_config
 from tests.conftest import REPO
 
@@ -79,6 +80,76 @@ def test_single_output_from_other_inputs(pipe, inputs, output, weights):
   else:
     assert g.image.shape == (1, 32, 32, 3) and g.image.dtype == np.uint8
     assert g.settings.weights == pytest.approx({"audio": 1 / 3, "video": 2 / 3})
+
+
+def test_initial_noise_replaces_the_seeded_draw(pipe):
+  inputs, kw = {"text": "a red apple"}, dict(ddim_steps=STEPS, image_size=32, num_samples=2)
+  shape = pipe.plan(inputs, ["image"], **kw).latent_shapes["image"]  # channels last
+  assert shape == [2, 8, 8, 4]
+  noise = {"image": np.random.default_rng(5).standard_normal(shape).astype(np.float32)}
+  a = pipe.generate(inputs, ["image"], seed=1, initial_noise=noise, **kw)
+  b = pipe.generate(inputs, ["image"], seed=2, initial_noise=noise, **kw)
+  np.testing.assert_array_equal(a.image, b.image)  # eta 0: the seed no longer matters
+  assert not np.array_equal(a.image, pipe.generate(inputs, ["image"], seed=1, **kw).image)
+
+
+@pytest.mark.parametrize("noise, match", [
+    ({"image": np.zeros((1, 8, 8, 3), np.float32)},
+     r"initial_noise\[image\] must be a float latent \[1, 8, 8, 4\] \(channels last\)"),
+    ({"audio": np.zeros((1, 8, 8, 4), np.float32)}, r"given for \['audio'\], the outputs are"),
+    ({"image": np.full((1, 8, 8, 4), np.nan, np.float32)}, "NaN"),
+    ({"image": np.zeros((1, 8, 8, 4), np.int32)}, "must be a float latent"),
+])
+def test_bad_initial_noise_raises(pipe, noise, match):
+  settings = pipe.plan(["text"], ["image"], image_size=32)
+  with pytest.raises(ValueError, match=match):
+    pipe.prepare(settings, {"text": "a"}, initial_noise=noise)
+
+
+def test_greedy_text_is_the_same_for_every_seed(pipe):
+  noise = {"text": np.random.default_rng(6).standard_normal((1, 32)).astype(np.float32)}
+  kw = dict(ddim_steps=STEPS, text_decoding="greedy", initial_noise=noise)
+  a = pipe.generate({"text": "a cat"}, ["text"], seed=1, **kw)
+  b = pipe.generate({"text": "a cat"}, ["text"], seed=2, **kw)
+  assert a.text == b.text and a.settings.text_decoding == "greedy"
+  with pytest.raises(ValueError, match="text_decoding must be one of"):
+    pipe.plan(["text"], ["text"], text_decoding="beam")
+
+
+@pytest.fixture(scope="module")
+def original_pipe(model):
+  """The tiny model with the original's inference behaviour (`pipeline_options.ORIGINAL`), image
+  inputs regularised to 64 instead of 512 to stay cheap."""
+  config, params = model
+  config = config.copy_and_resolve_references()
+  config.sample.update(ORIGINAL.as_config())
+  config.sample.image_prompt_size = 64
+  return CoDiPipeline(config, params, load_tokenizers())
+
+
+def test_image_inputs_are_regularised_and_mirrored_as_configured(pipe, original_pipe):
+  square = _image(3, (40, 40, 3))
+  plan = lambda seed, flip=None: original_pipe.plan(["image"], ["text"], seed=seed,
+                                                    image_flip=flip)
+  prompt = lambda settings, x=square: original_pipe.condition_input(settings, "image", x)
+  straight, mirrored = prompt(plan(0, False)), prompt(plan(0, True))
+  assert straight.shape == (1, 64, 64, 3) and straight.dtype == np.float32
+  np.testing.assert_array_equal(mirrored, straight[:, :, ::-1])
+  flips = sum(np.array_equal(prompt(plan(seed)), mirrored) for seed in range(40))
+  assert 8 <= flips <= 32  # the original's RandomHorizontalFlip(p=0.5), drawn from the seed
+  wide = _image(4, (40, 56, 3))  # the original's RandomCrop: a seeded 40 x 40 window
+  assert len({prompt(plan(seed, False), wide).tobytes() for seed in range(8)}) > 1
+  assert pipe.condition_input(plan(0), "image", wide).shape == (1, 40, 56, 3)  # ours: as given
+  with pytest.raises(ValueError, match="image_flip is given, but this config does not"):
+    pipe.plan(["image"], ["text"], image_flip=True)
+
+
+def test_audio_is_trimmed_only_where_configured(pipe, original_pipe):
+  raw = {"audio": np.ones((1, 1000), np.float32)}
+  assert pipe.finish(pipe.plan(["text"], ["audio"], audio_seconds=0.05), raw).audio.shape == (
+      1, 800)
+  assert original_pipe.finish(original_pipe.plan(["text"], ["audio"], audio_seconds=0.05),
+                              raw).audio.shape == (1, 1000)  # the vocoder's whole output
 
 
 @pytest.mark.parametrize("inputs, outputs, kw, match", [

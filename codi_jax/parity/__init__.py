@@ -111,6 +111,11 @@ def check_file(path: pathlib.Path) -> dict[str, Row]:
   except Exception as e:  # a handler crash fails the file, with its message
     logging.debug("parity handler failed:\n%s", traceback.format_exc())
     return {"<file>": Row(float("inf"), 0.0, False, f"{type(e).__name__}: {e}")}
+  return compare_outputs(fx, produced)
+
+
+def compare_outputs(fx: Fixture, produced: diffusion.Produced) -> dict[str, Row]:
+  """The rows of what a handler `produced` against the fixture's stored arrays."""
   rows = {}
   # Every stored output, and the stored inputs and strings a handler recomputes (e.g. token ids
   # from the stored texts).
