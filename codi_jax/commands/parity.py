@@ -2,12 +2,14 @@
 
   codi-jax parity --fixtures tests/fixtures/codi_reference [--only unet_codi,ddim_sampler]
       [--json parity.json] [--tokenizers DIR]
+  codi-jax parity --fixtures tests/fixtures/codi_e2e
 
 Every `.npz` fixture in the folder (or those named by --only) is rebuilt from its own config,
 loaded through the key map and run; one row per stored output is printed. Exit status 0 only if
 every output of every selected file passes; a file or output that cannot be handled fails.
 `tests/fixtures/codi_reference` in a checkout of the repository is the development set (the
-fixtures are not installed with the package). The CLIP/Optimus fixtures also check our tokenizers
+fixtures are not installed with the package); `tests/fixtures/codi_e2e` holds end-to-end runs of
+the original's inference, checked through the whole pipeline (`codi_jax.parity.e2e`). The CLIP/Optimus fixtures also check our tokenizers
 on the real vocabularies: --tokenizers, else $CODI_TOKENIZERS, else the bundled ones.
 """
 
