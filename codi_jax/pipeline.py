@@ -102,6 +102,7 @@ class Settings:
   latent_shapes: dict[str, list[int]]
   text_decoding: str = TextDecoding.SAMPLE.value
   image_flip: bool | None = None  # mirror image inputs (None: as `config.sample` says)
+  image_crop: int | None = None  # square crop offset of a non-square image (None: seeded)
 
   def as_json(self) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in
@@ -329,7 +330,7 @@ class CoDiPipeline:
            image_size: int | None = None, num_frames: int | None = None,
            audio_seconds: float | None = None, alignment: Alignment | str | None = None,
            text_decoding: TextDecoding | str = TextDecoding.SAMPLE,
-           image_flip: bool | None = None) -> Settings:
+           image_flip: bool | None = None, image_crop: int | None = None) -> Settings:
     """Every setting of one request, validated and with defaults filled (see `generate`)."""
     sample = self.config.sample
     given = list(inputs)
@@ -376,11 +377,13 @@ class CoDiPipeline:
     except ValueError:
       raise ValueError(f"text_decoding must be one of {[d.value for d in TextDecoding]}, got "
                        f"{text_decoding!r}") from None
-    if image_flip is not None:
-      if not isinstance(image_flip, (bool, np.bool_)):
-        raise ValueError(f"image_flip must be true, false or None, got {image_flip!r}")
-      if not self.options.image_prompt_size:
-        raise ValueError("image_flip is given, but this config does not regularise image inputs "
+    if image_flip is not None and not isinstance(image_flip, (bool, np.bool_)):
+      raise ValueError(f"image_flip must be true, false or None, got {image_flip!r}")
+    if image_crop is not None and (not _is_integer(image_crop) or image_crop < 0):
+      raise ValueError(f"image_crop must be a non-negative integer or None, got {image_crop!r}")
+    for name, value in (("image_flip", image_flip), ("image_crop", image_crop)):
+      if value is not None and not self.options.image_prompt_size:
+        raise ValueError(f"{name} is given, but this config does not regularise image inputs "
                          "(config.sample.image_prompt_size is 0)")
     # The DDIM schedule the request would run (cheap, host-side): step counts it cannot serve
     # and a negative eta fail here, before any batch is built.
@@ -395,12 +398,14 @@ class CoDiPipeline:
         seed=int(seed), num_samples=int(num_samples), image_size=int(image_size),
         num_frames=int(num_frames), audio_seconds=float(audio_seconds), alignment=align.value,
         latent_shapes={m.value: list(s) for m, s in shapes.items()},
-        text_decoding=decoding.value, image_flip=None if image_flip is None else bool(image_flip))
+        text_decoding=decoding.value, image_flip=None if image_flip is None else bool(image_flip),
+        image_crop=None if image_crop is None else int(image_crop))
 
   def condition_input(self, settings: Settings, modality: Modality | str, data: Any) -> Any:
     """One user input, validated and prepared as the prompt encoders take it (a batch of one):
     an image input regularised as `config.sample` says (`pipeline_options`; the flip from
-    `settings.image_flip`, else drawn from the seed, as is the crop of a non-square image)."""
+    `settings.image_flip`, else drawn from the seed, as is the square crop of a non-square image
+    unless `settings.image_crop` gives its offset)."""
     m = Modality.parse(modality)
     x = _check_input(m, data)
     size = self.options.image_prompt_size
@@ -411,6 +416,8 @@ class CoDiPipeline:
     flip = settings.image_flip if settings.image_flip is not None else (
         self.options.image_prompt_flip and drawn_flip)
     offset = int(rng.integers(max(x.shape[:2]) - min(x.shape[:2]) + 1))
+    if settings.image_crop is not None:
+      offset = settings.image_crop
     return regularize_image(x, size, flip=flip, offset=offset)[None]  # [1, S, S, 3]
 
   def conditions(self, settings: Settings, inputs: Mapping[Modality | str, Any]) -> Conditions:
@@ -525,7 +532,7 @@ class CoDiPipeline:
                num_frames: int | None = None, audio_seconds: float | None = None,
                alignment: Alignment | str | None = None,
                text_decoding: TextDecoding | str = TextDecoding.SAMPLE,
-               image_flip: bool | None = None,
+               image_flip: bool | None = None, image_crop: int | None = None,
                initial_noise: Mapping[Modality | str, Any] | None = None) -> Generated:
     """Generate `outputs` conditioned on `inputs` (see the module docstring for the layouts).
 
@@ -536,6 +543,8 @@ class CoDiPipeline:
     image_flip: mirror an image input left-right (True/False), where the config regularises image
       inputs as the original does (`config.sample.image_prompt_size`); None: drawn from the seed
       when `config.sample.image_prompt_flip`, as the original's random flip, else never.
+    image_crop: where such a regularised image input that is not square is cut to a square: the
+      offset along its longer side (None: drawn from the seed, as the original's RandomCrop).
     initial_noise: {output: x_T} to start from instead of noise drawn from the seed, each float
       [num_samples, ...latent], channels last (`latent_shapes`; the original's channels-first
       latents need their channel axis moved last, `convert.layout.to_channels_last`).
@@ -544,7 +553,8 @@ class CoDiPipeline:
                          ddim_steps=ddim_steps, eta=eta, seed=seed, num_samples=num_samples,
                          image_size=image_size, num_frames=num_frames,
                          audio_seconds=audio_seconds, alignment=alignment,
-                         text_decoding=text_decoding, image_flip=image_flip)
+                         text_decoding=text_decoding, image_flip=image_flip,
+                         image_crop=image_crop)
     rows = self.prepare(settings, inputs, initial_noise)
     program = Program.of(settings)
     if program not in self._programs:

@@ -140,8 +140,13 @@ def test_image_inputs_are_regularised_and_mirrored_as_configured(pipe, original_
   wide = _image(4, (40, 56, 3))  # the original's RandomCrop: a seeded 40 x 40 window
   assert len({prompt(plan(seed, False), wide).tobytes() for seed in range(8)}) > 1
   assert pipe.condition_input(plan(0), "image", wide).shape == (1, 40, 56, 3)  # ours: as given
-  with pytest.raises(ValueError, match="image_flip is given, but this config does not"):
-    pipe.plan(["image"], ["text"], image_flip=True)
+  cropped = original_pipe.plan(["image"], ["text"], image_flip=False, image_crop=16)
+  np.testing.assert_array_equal(prompt(cropped, wide), prompt(plan(0, False), wide[:, 16:]))
+  with pytest.raises(ValueError, match="crop offset 17 is outside"):
+    prompt(original_pipe.plan(["image"], ["text"], image_crop=17), wide)
+  for name in ("image_flip", "image_crop"):
+    with pytest.raises(ValueError, match=f"{name} is given, but this config does not"):
+      pipe.plan(["image"], ["text"], **{name: 1 if name == "image_crop" else True})
 
 
 def test_audio_is_trimmed_only_where_configured(pipe, original_pipe):

@@ -6,7 +6,8 @@ the fixture's original configs (`convert.original.run_config_from_original`: the
 inference behaviour, `pipeline_options.ORIGINAL`), converts its weights with the code
 `codi-jax convert` runs (`checkpoint.convert_state`), and runs every case through `CoDiPipeline`
 itself: `plan` -> `conditions` / `prepare` (with the stored x_T as `initial_noise`, moved to
-channels last, and the recorded flip of an image input as `image_flip`) -> the jitted
+channels last, the recorded flip of an image input as `image_flip` and, for a non-square one,
+the crop offset that reproduces the stored regularised image as `image_crop`) -> the jitted
 `program_fn` of a tracing `Program` (the one `generate` and `sample` compile, plus its
 intermediates) -> `finish`. Text is decoded greedily (the fixture's deterministic decode); the
 original's multinomial draw cannot be replayed, so its sampled tokens are checked by teacher
@@ -43,7 +44,7 @@ from codi_jax.models.optimus import PAD_ID, Optimus
 from codi_jax.parity.diffusion import Produced
 from codi_jax.parity.fixtures import Covered, Fixture
 from codi_jax.pipeline import CoDiPipeline, Program, Settings, load_tokenizers
-from codi_jax.pipeline_options import TextDecoding
+from codi_jax.pipeline_options import TextDecoding, regularize_image
 
 TOKEN_TOL = (1e-4, 0.0)
 LATENT_TOL = (0.0, 1e-4)
@@ -95,16 +96,40 @@ def _inputs(fx: Fixture, case: str, types: list[Modality]) -> dict[Modality, Any
   return out
 
 
-def _plan(pipe: CoDiPipeline, case: str, spec: Mapping[str, Any], types: list[Modality]
-          ) -> Settings:
+def _crop_offset(pipe: CoDiPipeline, fx: Fixture, case: str, flip: bool) -> int | None:
+  """Where the original's RandomCrop cut a non-square image input (drawn from torch's RNG and
+  not recorded): the one offset whose regularised image is the stored one. None for a square
+  image (nothing to cut) or when no offset reproduces it (then the regularised image and the
+  image tokens fail, naming it)."""
+  image = fx.inputs[f"{case}/image_uint8"]
+  h, w = image.shape[:2]
+  stored = fx.inputs[f"{case}/image_regularized_uint8_chw"]
+  size = pipe.options.image_prompt_size
+  for offset in range(max(h, w) - min(h, w) + 1 if h != w else 0):
+    x = regularize_image(image, size, flip=flip, offset=offset)
+    if np.array_equal(to_channels_first(Modality.IMAGE, _to_uint8(x)), stored):
+      return offset
+  return None
+
+
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+  """A regularised image (u8 / 255 * 2 - 1 in float32) back on its uint8 grid, exactly."""
+  return np.round((x + 1.0) * 127.5).astype(np.uint8)
+
+
+def _plan(pipe: CoDiPipeline, fx: Fixture, case: str, spec: Mapping[str, Any],
+          types: list[Modality]) -> Settings:
   outputs = [Modality.parse(m) for m in spec["xtype"]]
-  flip = spec.get("random_horizontal_flip_applied") if Modality.IMAGE in types else None
+  flip = crop = None
+  if Modality.IMAGE in types:
+    flip = bool(spec["random_horizontal_flip_applied"])
+    crop = _crop_offset(pipe, fx, case, flip)
   settings = pipe.plan(types, outputs, weights={m: spec["mix_weight"][m.value] for m in types},
                        guidance_scale=spec["scale"], ddim_steps=spec["ddim_steps"],
                        eta=spec["eta"], num_samples=spec["n_samples"],
                        image_size=spec["image_size"], num_frames=spec["num_frames"],
                        alignment=Alignment.SELF, text_decoding=TextDecoding.GREEDY,
-                       image_flip=flip)
+                       image_flip=flip, image_crop=crop)
   for m, shape in zip(outputs, spec["latent_shapes"]):
     want = to_channels_last(m, np.zeros(shape, np.int8)).shape
     if tuple(settings.latent_shapes[m.value]) != want:
@@ -117,7 +142,7 @@ def _case(pipe: CoDiPipeline, fx: Fixture, case: str, spec: Mapping[str, Any],
           programs: dict[Program, Any]) -> Produced:
   types = [Modality.parse(t) for t in spec["condition_types"]]
   inputs = _inputs(fx, case, types)
-  settings = _plan(pipe, case, spec, types)
+  settings = _plan(pipe, fx, case, spec, types)
   n = settings.num_samples
   rows_of = lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)[1:])  # one encode, n rows
   produced: Produced = {}
@@ -136,9 +161,8 @@ def _case(pipe: CoDiPipeline, fx: Fixture, case: str, spec: Mapping[str, Any],
       produced[f"{key}/token_ids_uncond"] = (tokenizer.encode_batch([""] * n), EXACT)
     elif m is Modality.IMAGE:
       x = pipe.condition_input(settings, m, inputs[m])  # [1, S, S, 3] in [-1, 1]
-      u8 = np.round((x[0] + 1.0) * 127.5).astype(np.uint8)  # exact: x = u8 / 255 * 2 - 1
       produced[f"input/{case}/image_regularized_uint8_chw"] = (
-          to_channels_first(m, u8), EXACT)
+          to_channels_first(m, _to_uint8(x[0])), EXACT)
       pre = pipe.encoders.clip.preprocess_config
       for name, image in (("cond", x), ("uncond", np.zeros_like(x))):
         pixels = to_channels_first(m, preprocess(image, pre))  # [1, 3, s, s]

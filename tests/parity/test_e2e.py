@@ -3,6 +3,7 @@
 recorded inference. The pipeline runs once per module (about two minutes on two CPU cores); the
 tests that must fail tamper with its outputs, as a wrong pipeline would produce them."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -118,4 +119,18 @@ def test_handler_reads_sizes_from_the_fixture(fixture):
   spec = json.loads(json.dumps(fixture.config["cases"]["text2image"]))
   spec["latent_shapes"] = [[2, 4, 16, 16]]
   with pytest.raises(ValueError, match=r"text2image: our image latent is \[2, 8, 8, 4\]"):
-    e2e._plan(pipe, "text2image", spec, [Modality.TEXT])
+    e2e._plan(pipe, fixture, "text2image", spec, [Modality.TEXT])
+
+
+def test_a_non_square_image_crop_is_recovered_from_the_stored_input(fixture):
+  # The original's RandomCrop offset is not recorded; the one offset that reproduces the stored
+  # regularised image is passed as `image_crop` (a square image has nothing to cut).
+  pipe = e2e.build_pipeline(fixture)
+  case = "image_audio2image"
+  assert e2e._crop_offset(pipe, fixture, case, flip=True) is None
+  square = fixture.inputs[f"{case}/image_uint8"]  # [64, 64, 3]
+  noise = np.random.default_rng(0).integers(0, 256, (64, 8, 3), dtype=np.uint8)
+  wide = np.concatenate([noise[:, :5], square, noise[:, 5:]], axis=1)  # the square at offset 5
+  stand_in = dataclasses.replace(fixture, inputs={**fixture.inputs, f"{case}/image_uint8": wide})
+  assert e2e._crop_offset(pipe, stand_in, case, flip=True) == 5
+  assert e2e._crop_offset(pipe, stand_in, case, flip=False) is None  # nothing reproduces it
