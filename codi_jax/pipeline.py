@@ -45,8 +45,7 @@ from codi_jax.audio.mel import HOP, N_MELS, SAMPLE_RATE
 from codi_jax.conditioning import (Conditions, PromptEncoders, encode_conditions,
                                    normalized_weights)
 from codi_jax.data.preprocess import to_unit_range
-from codi_jax.diffusion.ddim import DDIMSampler
-from codi_jax.diffusion.ddim import initial_noise as initial_noise_draw
+from codi_jax.diffusion.ddim import DDIMSampler, initial_noise as initial_noise_draw
 from codi_jax.diffusion.schedule import ScheduleConfig, ddim_parameters, ddpm_schedule
 from codi_jax.modality import Alignment, Modality
 from codi_jax.models import autoencoder, optimus, optimus_decode, vocoder
@@ -411,13 +410,12 @@ class CoDiPipeline:
     size = self.options.image_prompt_size
     if m is not Modality.IMAGE or not size:
       return to_unit_range(x)[None] if m in (Modality.IMAGE, Modality.VIDEO) else x
-    rng = np.random.default_rng((settings.seed, _RNG_IMAGE))
-    drawn_flip = bool(rng.random() < 0.5)
-    flip = settings.image_flip if settings.image_flip is not None else (
-        self.options.image_prompt_flip and drawn_flip)
-    offset = int(rng.integers(max(x.shape[:2]) - min(x.shape[:2]) + 1))
-    if settings.image_crop is not None:
-      offset = settings.image_crop
+    rng = np.random.default_rng((settings.seed, _RNG_IMAGE))  # both draws, whatever is given
+    coin = bool(rng.random() < 0.5)
+    drawn_flip = self.options.image_prompt_flip and coin
+    drawn_offset = int(rng.integers(max(x.shape[:2]) - min(x.shape[:2]) + 1))
+    flip = drawn_flip if settings.image_flip is None else settings.image_flip
+    offset = drawn_offset if settings.image_crop is None else settings.image_crop
     return regularize_image(x, size, flip=flip, offset=offset)[None]  # [1, S, S, 3]
 
   def conditions(self, settings: Settings, inputs: Mapping[Modality | str, Any]) -> Conditions:
