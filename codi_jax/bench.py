@@ -38,7 +38,7 @@ from codi_jax.modality import Modality
 from codi_jax.models.codi import CoDiUNet
 from codi_jax.parallel.mesh import create_mesh
 from codi_jax.parallel.sharding import logical_shardings, logical_to_spec
-from codi_jax.pipeline import PARTS, CoDiPipeline, Program, load_tokenizers
+from codi_jax.pipeline import CoDiPipeline, Program, load_model, load_tokenizers
 from codi_jax.sample.job import SHARDED_PARTS, batch_shards
 from codi_jax.train import data as train_data
 from codi_jax.train.state import Flat, flatten, load_params, param_count
@@ -269,7 +269,7 @@ def bench_sample(config: ml_collections.ConfigDict, outputs: Sequence[Modality |
   text prompt and one sample each; default one per batch shard), weights random unless `ckpt`
   (whose config then replaces `config`)."""
   if ckpt:
-    config, params = checkpoint.load_model(ckpt, PARTS)
+    config, params = load_model(ckpt)
   else:
     params = checkpoint.random_model_params(config, config.seed)
   mesh = create_mesh(config.mesh.ici, config.mesh.dcn)
@@ -281,7 +281,7 @@ def bench_sample(config: ml_collections.ConfigDict, outputs: Sequence[Modality |
                      "shard(s)")
   ddim_steps = int(ddim_steps or config.sample.ddim_steps)
   shardings = {p: logical_shardings(components.component(p).shapes(config.model), mesh, rules)
-               for p in SHARDED_PARTS}
+               for p in SHARDED_PARTS if p in params}
   start = time.perf_counter()
   pipe = CoDiPipeline(config, params, load_tokenizers(tokenizers), shardings)
   del params

@@ -58,12 +58,25 @@ from codi_jax.text.bpe import clean_generated
 
 PyTree = Any
 
-PARTS = checkpoint.PARTS  # a pipeline needs every part
 _RNG_NOISE, _RNG_ETA, _RNG_TEXT, _RNG_IMAGE = 0, 1, 2, 3  # streams of a request's seed
 MAX_SEED = 2 ** 32 - 1  # a seed is a JAX PRNG seed: 32 bits; larger ones would be truncated
 # The parts that decode each output's latents.
 _DECODERS = {Modality.IMAGE: ("autokl",), Modality.VIDEO: ("autokl",),
-             Modality.AUDIO: ("audioldm_vae", "hifigan_vocoder"), Modality.TEXT: ("optimus",)}
+             Modality.AUDIO: ("audioldm_vae", audio_decoder.VOCODER_PART),
+             Modality.TEXT: ("optimus",)}
+
+
+def required_parts(model_config: Mapping[str, Any]) -> tuple[str, ...]:
+  """The parts a pipeline reads: every part, less the vocoder when audio is decoded without it
+  (`config.model.audio_decoder`: Griffin-Lim, which the tiny preset trains no vocoder for)."""
+  return tuple(p for p in checkpoint.PARTS if p != audio_decoder.VOCODER_PART
+               or audio_decoder.needs_vocoder(model_config))
+
+
+def load_model(directory: str | os.PathLike) -> tuple[ml_collections.ConfigDict, dict[str, PyTree]]:
+  """(config, params) of the parts a pipeline reads (`required_parts`) from a model checkpoint."""
+  config = checkpoint.load_config(directory)
+  return checkpoint.load_model(directory, required_parts(config.model))
 
 
 class Tokenizers(NamedTuple):
@@ -229,7 +242,8 @@ class CoDiPipeline:
   Args:
     config: the run config (`configs/codi.py`); `config.model` describes every part and
       `config.sample` / `config.diffusion` give the default sizes and the noise schedule.
-    params: {part: tree} for every name in `PARTS` (`clap` is {"params", "batch_stats"}).
+    params: {part: tree} for every name in `required_parts(config.model)` (`clap` is
+      {"params", "batch_stats"}); other parts are ignored.
     tokenizers: the CLIP and GPT-2 tokenizers (`load_tokenizers`).
     shardings: optional {part: tree of `jax.sharding.Sharding`}: those parts are placed with
       them (e.g. FSDP over a mesh, `codi_jax.sample`); other parts go to the default device.
@@ -238,16 +252,17 @@ class CoDiPipeline:
 
   def __init__(self, config: ml_collections.ConfigDict, params: Mapping[str, PyTree],
                tokenizers: Tokenizers, shardings: Mapping[str, PyTree] | None = None):
-    missing = [p for p in PARTS if p not in params]
+    parts = required_parts(config.model)
+    missing = [p for p in parts if p not in params]
     if missing:
       raise ValueError(f"the pipeline needs parameters for {missing} (has {sorted(params)})")
-    for p in PARTS:
+    for p in parts:
       checkpoint.check_params(config.model, p, params[p])
     self.config = config
     self.options = PipelineOptions.from_config(config.sample)
     self.tokenizers = tokenizers
     shardings = dict(shardings or {})
-    self.params = {p: _place(nn.meta.unbox(params[p]), shardings.get(p)) for p in PARTS}
+    self.params = {p: _place(nn.meta.unbox(params[p]), shardings.get(p)) for p in parts}
     model = config.model
     self.codi_config = codi_config_from_dict(model)
     self.image_vae = autoencoder.AutoencoderKL(components.image_vae_config(model))
@@ -266,7 +281,7 @@ class CoDiPipeline:
                       tokenizers_dir: str | os.PathLike | None = None) -> CoDiPipeline:
     """A pipeline from a model checkpoint folder (`codi_jax.checkpoint`) and a tokenizer folder
     (`load_tokenizers`)."""
-    config, params = checkpoint.load_model(directory, PARTS)
+    config, params = load_model(directory)
     return cls(config, params, load_tokenizers(tokenizers_dir))
 
   # --- sizes ---------------------------------------------------------------------------------
@@ -455,7 +470,7 @@ class CoDiPipeline:
     parts = ["diffusers"]
     for m in program.outputs:
       parts += _DECODERS[m]
-    return {p: self.params[p] for p in dict.fromkeys(parts)}
+    return {p: self.params[p] for p in dict.fromkeys(parts) if p in self.params}
 
   def program_fn(self, program: Program) -> Callable[[PyTree, Rows], dict[str, jax.Array]]:
     """The pure function `(program_params, rows) -> raw outputs` for rows of `program`'s shape:
@@ -491,7 +506,8 @@ class CoDiPipeline:
           # The original clips a batch's latents together: here, each request's rows together.
           mel = autoencoder.decode_audio(self.audio_vae, params["audioldm_vae"], z, clip_group=n)
           out[m.value] = audio_decoder.mel_to_wave(  # [B, L]
-              self.config.model, mel[..., 0], self.vocoder, params["hifigan_vocoder"])
+              self.config.model, mel[..., 0], self.vocoder,
+              params.get(audio_decoder.VOCODER_PART))
           if program.trace:
             out["mel_audio"] = mel
         else:

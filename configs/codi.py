@@ -224,6 +224,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       grad_clip=1.0,  # per part: each part's gradient is clipped on its own
       part_learning_rates="",  # e.g. "optimus=3e-3,autokl=2e-3": peak rates overriding the above
       part_batch_sizes="",  # e.g. "optimus=128": global batches of parts trained alone
+      part_decays="",  # e.g. "audioldm_vae=cosine": per part, overriding `decay`
       ema_decay=0.999, export_ema=True,
       cond_dropout=0.1,  # guidance dropout of the condition token
       kl_weight=1e-6,

@@ -13,7 +13,7 @@ import soundfile
 from codi_jax import checkpoint
 from codi_jax.data import media
 from codi_jax.outputs import write_outputs
-from codi_jax.pipeline import CoDiPipeline, Generated, load_tokenizers
+from codi_jax.pipeline import CoDiPipeline, Generated, load_tokenizers, required_parts
 from codi_jax.pipeline_options import ORIGINAL
 from configs.codi import get_config
 from tests.conftest import REPO
@@ -173,11 +173,18 @@ def test_bad_inputs_raise(pipe, inputs, outputs, kw, match):
     pipe.generate(inputs, outputs, ddim_steps=STEPS, **kw)
 
 
-def test_pipeline_needs_every_part(model):
+def test_pipeline_needs_every_part_it_reads(model):
   config, params = model
   partial = {k: v for k, v in params.items() if k != "clap"}
   with pytest.raises(ValueError, match=r"needs parameters for \['clap'\]"):
     CoDiPipeline(config, partial, load_tokenizers())
+  assert "hifigan_vocoder" not in required_parts(config.model)  # Griffin-Lim decodes audio
+  hifigan = config.copy_and_resolve_references()
+  hifigan.model.audio_decoder = "hifigan"
+  assert required_parts(hifigan.model) == checkpoint.PARTS
+  with pytest.raises(ValueError, match=r"needs parameters for \['hifigan_vocoder'\]"):
+    CoDiPipeline(hifigan, {k: v for k, v in params.items() if k != "hifigan_vocoder"},
+                 load_tokenizers())
 
 
 def test_failed_write_leaves_nothing(pipe, tmp_path):
@@ -208,7 +215,10 @@ def _cli(*args):
 def media_dir(model, tmp_path_factory):
   folder = tmp_path_factory.mktemp("generate")
   config, params = model
-  checkpoint.save_model(folder / "ckpt", params, config)
+  # As the tiny preset's training leaves it: no vocoder (its audio decoder is Griffin-Lim).
+  assert config.model.audio_decoder == "griffin_lim"
+  checkpoint.save_model(folder / "ckpt", {k: v for k, v in params.items()
+                                          if k != "hifigan_vocoder"}, config)
   (folder / "in.png").write_bytes(media.encode_png(_image()))
   stereo = np.stack([_audio(0, 0.3), _audio(1, 0.3)], axis=-1)  # [S, 2] at 22.05 kHz
   soundfile.write(folder / "in.wav", stereo[: int(0.3 * 22050)], 22050)

@@ -39,11 +39,11 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
-from codi_jax import checkpoint, components
+from codi_jax import components
 from codi_jax.io_utils import atomic_write_json, atomic_write_text
 from codi_jax.outputs import write_outputs
 from codi_jax.parallel.sharding import Rules, logical_shardings, logical_to_spec
-from codi_jax.pipeline import PARTS, CoDiPipeline, Program, Rows, load_tokenizers
+from codi_jax.pipeline import CoDiPipeline, Program, Rows, load_model, load_tokenizers
 from codi_jax.sample.manifest import Failure, Item, load_inputs
 
 # Parts that run inside the sharded program (the prompt encoders run per item on the host's
@@ -57,9 +57,9 @@ def load_pipeline(ckpt: str | os.PathLike, tokenizers: str | os.PathLike | None,
                   rules: Rules) -> CoDiPipeline:
   """A pipeline whose sampled parts are laid out on `mesh` by the logical-axis `rules`, from
   their boxed abstract shapes (each process reads the checkpoint and keeps its own shards)."""
-  config, params = checkpoint.load_model(ckpt, PARTS)
+  config, params = load_model(ckpt)
   shardings = {p: logical_shardings(components.component(p).shapes(config.model), mesh, rules)
-               for p in SHARDED_PARTS}
+               for p in SHARDED_PARTS if p in params}
   return CoDiPipeline(config, params, load_tokenizers(tokenizers), shardings)
 
 

@@ -18,7 +18,7 @@ import json
 import logging
 import pathlib
 import zlib
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import flax.struct
@@ -160,38 +160,62 @@ def load_params(config: ml_collections.ConfigDict, parts: Sequence[str], mesh: M
 # --- optimiser ------------------------------------------------------------------------------------
 
 def learning_rate_schedule(t: ml_collections.ConfigDict, peak: float | None = None,
-                           span: tuple[int, int] | None = None) -> optax.Schedule:
-  """Warm-up to `peak` (default `t.learning_rate`), then constant or cosine decay, over the
-  stage's steps or over `span` = (first step, steps) (zero before it)."""
+                           span: tuple[int, int] | None = None, decay: str | None = None
+                           ) -> optax.Schedule:
+  """Warm-up to `peak` (default `t.learning_rate`), then constant or cosine `decay` (default
+  `t.decay`), over the stage's steps or over `span` = (first step, steps) (zero before it)."""
   peak = t.learning_rate if peak is None else peak
+  decay = t.decay if decay is None else decay
   start, steps = span or (0, int(t.steps))
   warmup = int(t.warmup_steps)
-  if t.decay == "constant":
+  if decay == "constant":
     base = optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup, 1)),
                                  optax.constant_schedule(peak)], [warmup])
-  elif t.decay == "cosine":
+  elif decay == "cosine":
     base = optax.warmup_cosine_decay_schedule(
         0.0, peak, warmup, max(steps, warmup + 1), end_value=peak * t.end_learning_rate_fraction)
   else:
-    raise ValueError(f"config.train.decay must be 'cosine' or 'constant', got {t.decay!r}")
+    raise ValueError(f"config.train.decay must be one of {list(DECAYS)}, got {decay!r}")
   if not start:
     return base
   return lambda count: jnp.where(count < start, 0.0, base(count - start))
 
 
-def _per_part(t: ml_collections.ConfigDict, field: str, kind: type, example: str) -> dict:
-  """`config.train.<field>` ("part=value,...") as {part: positive value of `kind`}."""
+def _per_part(t: ml_collections.ConfigDict, field: str, parse: Callable[[str], Any],
+              expected: str, example: str) -> dict:
+  """`config.train.<field>` ("part=value,...") as {part: parse(value)}; `parse` raises
+  ValueError on a value it refuses (described by `expected`)."""
   out = {}
   for item in (p.strip() for p in str(t.get(field, "")).split(",") if p.strip()):
     part, sep, value = item.partition("=")
     try:
-      out[part.strip()] = kind(value)
+      if not sep:
+        raise ValueError(item)
+      out[part.strip()] = parse(value.strip())
     except ValueError:
-      sep = ""
-    if not sep or not out[part.strip()] > 0:
-      raise ValueError(f"config.train.{field}: expected part=value items with a positive "
-                       f"{kind.__name__} value (e.g. {example!r}), got {item!r}")
+      raise ValueError(f"config.train.{field}: expected part=value items with {expected} "
+                       f"(e.g. {example!r}), got {item!r}") from None
   return out
+
+
+def _positive(kind: type) -> Callable[[str], Any]:
+  def parse(value: str):
+    number = kind(value)
+    if not number > 0:
+      raise ValueError(value)
+    return number
+  return parse
+
+
+def _one_of(choices: Sequence[str]) -> Callable[[str], str]:
+  def parse(value: str) -> str:
+    if value not in choices:
+      raise ValueError(value)
+    return value
+  return parse
+
+
+DECAYS = ("cosine", "constant")  # after warm-up
 
 
 _POSITIVE_INTS = ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
@@ -227,20 +251,28 @@ def check_train_settings(t: ml_collections.ConfigDict) -> None:
   for field in ("b1", "b2", "ema_decay"):
     if not 0 <= t[field] < 1:
       raise ValueError(f"config.train.{field} must be in [0, 1), got {t[field]!r}")
-  if t.decay not in ("cosine", "constant"):
-    raise ValueError(f"config.train.decay must be 'cosine' or 'constant', got {t.decay!r}")
+  if t.decay not in DECAYS:
+    raise ValueError(f"config.train.decay must be one of {list(DECAYS)}, got {t.decay!r}")
   part_learning_rates(t)
   part_batch_sizes(t)
+  part_decays(t)
 
 
 def part_learning_rates(t: ml_collections.ConfigDict) -> dict[str, float]:
   """`config.train.part_learning_rates` ("optimus=3e-3,autokl=2e-3") as {part: peak rate}."""
-  return _per_part(t, "part_learning_rates", float, "optimus=3e-3,autokl=2e-3")
+  return _per_part(t, "part_learning_rates", _positive(float), "a positive number",
+                   "optimus=3e-3,autokl=2e-3")
 
 
 def part_batch_sizes(t: ml_collections.ConfigDict) -> dict[str, int]:
   """`config.train.part_batch_sizes` ("optimus=128") as {part: global batch of its phase}."""
-  return _per_part(t, "part_batch_sizes", int, "optimus=128")
+  return _per_part(t, "part_batch_sizes", _positive(int), "a positive integer", "optimus=128")
+
+
+def part_decays(t: ml_collections.ConfigDict) -> dict[str, str]:
+  """`config.train.part_decays` ("audioldm_vae=cosine") as {part: decay overriding `decay`}."""
+  return _per_part(t, "part_decays", _one_of(DECAYS), f"a decay in {list(DECAYS)}",
+                   "audioldm_vae=cosine")
 
 
 def make_optimizer(t: ml_collections.ConfigDict, parts: Sequence[str],
@@ -252,17 +284,18 @@ def make_optimizer(t: ml_collections.ConfigDict, parts: Sequence[str],
   span (first step, steps) is trained alone by one phase: its schedule runs over the span's
   steps, counted by its own optimiser state, which the steps of other phases leave untouched
   (`keep_idle_parts`)."""
-  rates = part_learning_rates(t)
-  unknown = sorted(set(rates) - set(parts))
-  if unknown:
-    raise ValueError(f"config.train.part_learning_rates names {unknown}, which this stage does "
-                     f"not read (it reads {list(parts)})")
+  rates, decays = part_learning_rates(t), part_decays(t)
+  for field, named in (("part_learning_rates", rates), ("part_decays", decays)):
+    unknown = sorted(set(named) - set(parts))
+    if unknown:
+      raise ValueError(f"config.train.{field} names {unknown}, which this stage does not train "
+                       f"(it trains {list(parts)})")
   decay_mask = lambda params: jax.tree_util.tree_map(lambda x: x.ndim > 1, params)
 
   def one(part: str) -> optax.GradientTransformation:
     span = (spans or {}).get(part)
     schedule = learning_rate_schedule(t, rates.get(part, t.learning_rate),
-                                      span and (0, span[1]))
+                                      span and (0, span[1]), decays.get(part))
     return optax.chain(
         optax.clip_by_global_norm(t.grad_clip),
         optax.adamw(schedule, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay,

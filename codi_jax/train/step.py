@@ -28,7 +28,8 @@ from codi_jax.parallel.sharding import logical_to_spec, unbox
 from codi_jax.train import objectives, stages
 from codi_jax.train.state import (Flat, TrainState, abstract_part, keep_idle_parts,
                                   leaf_sharding, learning_rate_schedule, make_optimizer, merge,
-                                  part_learning_rates, state_sharding_like)
+                                  part_decays, part_learning_rates,
+                                  state_sharding_like)
 
 PyTree = Any
 
@@ -134,7 +135,8 @@ class Trainer:
     t = config.train
     # The logged rate: the phase's own part's when it trains one part, else the stage's.
     schedule = learning_rate_schedule(t, part_learning_rates(t).get(phase.part),
-                                      stage.part_spans(int(t.steps)).get(phase.part))
+                                      stage.part_spans(int(t.steps)).get(phase.part),
+                                      part_decays(t).get(phase.part))
 
     idle = [p for p in mask if not any(mask[p].values())] if mask else []
 

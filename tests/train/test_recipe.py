@@ -97,6 +97,24 @@ def test_a_part_trained_in_a_later_phase_starts_its_optimiser_there():
     np.testing.assert_array_equal(x, y)
 
 
+def test_a_part_can_have_its_own_decay():
+  t = get_config("tiny").train
+  t.update(learning_rate=1.0, warmup_steps=0, decay="constant", weight_decay=0.0, grad_clip=1e9,
+           end_learning_rate_fraction=0.0, part_decays="b=cosine")
+  params = {"a": {"w": jnp.zeros(1)}, "b": {"w": jnp.zeros(1)}}
+  opt = make_optimizer(t, ("a", "b"), spans={"a": (0, 10), "b": (10, 10)})
+  opt_state = opt.init(params)
+  grads = {"a": {"w": jnp.ones(1)}, "b": {"w": jnp.ones(1)}}
+  for _ in range(5):  # the 5th update runs at count 4 of each part's own span of 10
+    updates, opt_state = opt.update(grads, opt_state, params)
+  # Adam's update is -rate * sign here: a keeps its constant rate, b follows its cosine.
+  np.testing.assert_allclose(updates["a"]["w"], -1.0, rtol=1e-4)
+  np.testing.assert_allclose(updates["b"]["w"], -0.5 * (1 + np.cos(np.pi * 4 / 10)), rtol=1e-4)
+  t.part_decays = "c=cosine"
+  with pytest.raises(ValueError, match=r"part_decays names \['c'\]"):
+    make_optimizer(t, ("a", "b"))
+
+
 def test_a_part_trained_alone_can_have_its_own_batch():
   config = get_config("tiny")
   config.stage = "autoencoders"
@@ -182,8 +200,10 @@ def test_the_released_constants_are_untouched():
     ("learning_rate", float("nan"), "learning_rate must be a finite number"),
     ("weight_decay", -0.1, "weight_decay must be a finite number >= 0"),
     ("ema_decay", 1.0, r"ema_decay must be in \[0, 1\)"),
-    ("decay", "linear", "decay must be 'cosine' or 'constant'"),
+    ("decay", "linear", r"decay must be one of \['cosine', 'constant'\]"),
     ("part_learning_rates", "optimus", "part=value"),
+    ("part_learning_rates", "optimus=-1", "part=value items with a positive number"),
+    ("part_decays", "optimus=linear", r"part=value items with a decay in \['cosine'"),
 ])
 def test_training_settings_are_checked_before_anything_runs(field, value, match):
   t = get_config("tiny").train
