@@ -220,15 +220,17 @@ def load_model(directory: str | os.PathLike, parts: Sequence[str] | None = None
     raise ValueError(f"checkpoint {directory} has no {missing} (it holds {list(present)})")
   if not parts:
     raise ValueError(f"checkpoint {directory} holds no model parts")
-  checkpointer = ocp.PyTreeCheckpointer()
   out = {}
-  for part in parts:
-    try:
-      out[part] = checkpointer.restore((directory / part).absolute())
-    except Exception as e:  # orbax raises many types (OSError, ValueError, tensorstore errors)
-      first = str(e).split(". See full TensorStore details")[0].splitlines()
-      raise ValueError(f"corrupt checkpoint part {part!r} in {directory} (a file missing or "
-                       f"damaged): {type(e).__name__}: {first[0] if first else ''}") from e
+  # Closed on every exit: after a failed read, a checkpointer left open has its background
+  # threads report "Event loop is closed" tracebacks at interpreter exit.
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    for part in parts:
+      try:
+        out[part] = checkpointer.restore((directory / part).absolute())
+      except Exception as e:  # orbax raises many types (OSError, ValueError, tensorstore errors)
+        first = str(e).split(". See full TensorStore details")[0].splitlines()
+        raise ValueError(f"corrupt checkpoint part {part!r} in {directory} (a file missing or "
+                         f"damaged): {type(e).__name__}: {first[0] if first else ''}") from e
   return config, out
 
 

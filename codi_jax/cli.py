@@ -69,7 +69,10 @@ def main(argv: list[str] | None = None) -> None:
   if command not in COMMANDS:
     print(f"codi-jax: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
     sys.exit(2)
-  module = importlib.import_module(COMMANDS[command][0])
+  try:  # a config flag reads its overrides from argv when its command's module defines it
+    module = importlib.import_module(COMMANDS[command][0])
+  except (ValueError, AttributeError, KeyError, TypeError) as e:
+    _bad_flag(command, e)
   rest = argv[2:]
   if "-h" in rest or "--help" in rest:
     from absl import flags
@@ -86,7 +89,35 @@ def main(argv: list[str] | None = None) -> None:
 
   _enable_compilation_cache()
   initialize_from_env()
-  app.run(lambda args: sys.exit(_run(module, command, args)), argv=[f"codi-jax {command}"] + rest)
+  app.run(lambda args: sys.exit(_run(module, command, args)), argv=[f"codi-jax {command}"] + rest,
+          flags_parser=lambda argv: _parse_flags(command, argv))
+
+
+def _parse_flags(command: str, argv: list[str]) -> list[str]:
+  """absl's flag parsing, every error one line: a bad value (`flags.Error`; a config flag's
+  message carries the config file's traceback, of which the last line says what is wrong) or a
+  config flag's own errors (an unknown preset raises ValueError)."""
+  from absl import flags
+
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, ValueError, AttributeError, KeyError, TypeError) as e:
+    _bad_flag(command, e)
+
+
+def _bad_flag(command: str, error: Exception) -> None:
+  import os
+
+  if os.environ.get("CODI_DEBUG") == "1":
+    raise error
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  what = lines[-1] if lines else repr(error)
+  while len(what) > 1 and what[0] == what[-1] and what[0] in "\"'":  # KeyError-style quoting
+    what = what[1:-1]
+  if isinstance(error, (AttributeError, KeyError)):  # a --config.<path>=... override
+    what = f"the config has no field {what!r} (a --config.<field> override names it)"
+  raise SystemExit(f"codi-jax {command}: error: bad flag: {what}  (CODI_DEBUG=1 shows the "
+                   "traceback)") from None
 
 
 def _run(module, command: str, args: list[str]) -> int:

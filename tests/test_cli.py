@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from codi_jax.text import vocab_dir
 from tests.conftest import REPO
@@ -26,6 +27,19 @@ def test_help_lists_subcommands():
   assert "--fixtures" in run("parity", "--help").stdout
   bad = run("frobnicate", check=False)
   assert bad.returncode == 2 and "unknown command" in bad.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["inspect", "--config", "configs/codi.py:huge"], "unknown preset 'huge'"),
+    (["train", "--config.train.nonsense=1"], "the config has no field 'nonsense'"),
+    (["train", "--config.train.steps=abc"], "--config.train.steps=abc: invalid literal"),
+    (["generate", "--seed=-1"], "--seed=-1: -1 is not an integer in the range"),
+    (["generate", "--bogus=1"], "Unknown command line flag 'bogus'"),
+])
+def test_a_bad_flag_is_one_line(args, message):
+  proc = run(*args, check=False)
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr
+  assert f"codi-jax {args[0]}: error: bad flag: " in proc.stderr and message in proc.stderr
 
 
 def test_inspect_full_json_equals_manifest(tmp_path, fixtures_dir):

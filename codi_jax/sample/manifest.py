@@ -6,7 +6,8 @@ r"""The sampling-job manifest: one JSON request per line, every line validated b
 Fields: `id` (unique; letters, digits, `.`, `_`, `-`; default: the line number) names the item's
 output folder. `inputs` maps modalities to a text prompt or to media files (image PNG/JPEG, audio
 WAV/FLAC, video MP4), relative to the manifest's folder and inside it (an absolute path or one
-climbing out with `..` fails its line unless the job allows it: `--allow_outside_media`).
+climbing out with `..`, or a link leading out, fails its line unless the job allows it:
+`--allow_outside_media`).
 `outputs` is a list of modalities (or "image,audio"). Optional: `weights` per input, `seed`, `guidance_scale`, `ddim_steps`, `eta`,
 `num_samples`, `image_size`, `num_frames`, `audio_seconds`, `alignment`, as in `codi-jax generate`
 (defaults: the job's). Blank lines are skipped.
@@ -119,6 +120,10 @@ def _parse(obj: Any, line: int, folder: pathlib.Path, plan: Callable[..., Settin
     path = folder / value
     if not path.is_file():
       raise ValueError(f"{m.value} file {value} does not exist (looked for {path})")
+    # A symbolic link inside the folder may point out of it: where it leads must be inside too.
+    if not allow_outside and not path.resolve().is_relative_to(folder.resolve()):
+      raise ValueError(f"{m.value} file {value!r} leads out of the manifest's folder {folder} "
+                       f"(a link to {path.resolve()}; --allow_outside_media lifts this)")
     files[m] = path
   outputs = obj.get("outputs")
   if isinstance(outputs, str):
@@ -148,7 +153,8 @@ def read_manifest(path: str | os.PathLike, plan: Callable[..., Settings],
 
   plan: `CoDiPipeline.plan` (validates the settings); defaults: option values for lines that do
   not give them. Lines whose id is used more than once all fail. Media paths must stay inside
-  the manifest's folder (relative, not climbing out with `..`) unless `allow_outside`.
+  the manifest's folder (relative, not climbing out with `..`, no link leading out) unless
+  `allow_outside`.
   """
   path = pathlib.Path(path)
   if not path.is_file():

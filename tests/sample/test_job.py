@@ -441,3 +441,13 @@ def test_media_outside_the_manifest_folder_need_a_flag(planner, workspace, tmp_p
   assert not items and "not inside the manifest's folder" in failures[0].message
   items, failures = read_manifest(tmp_path / "m.jsonl", planner.plan, allow_outside=True)
   assert not failures and items[0].files[Modality.IMAGE] == workspace / "in.png"
+
+
+def test_a_link_leading_out_of_the_manifest_folder_needs_the_flag(planner, workspace, tmp_path):
+  (tmp_path / "inside.png").symlink_to(workspace / "in.png")  # workspace is not under tmp_path
+  (tmp_path / "m.jsonl").write_text(
+      json.dumps({"inputs": {"image": "inside.png"}, "outputs": ["text"]}) + "\n")
+  items, failures = read_manifest(tmp_path / "m.jsonl", planner.plan)
+  assert not items and "leads out of the manifest's folder" in failures[0].message
+  items, failures = read_manifest(tmp_path / "m.jsonl", planner.plan, allow_outside=True)
+  assert not failures and items[0].files[Modality.IMAGE] == tmp_path / "inside.png"
