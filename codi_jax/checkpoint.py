@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import logging
 import os
 import pathlib
 import shutil
+import sys
+import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
@@ -228,10 +231,34 @@ def load_model(directory: str | os.PathLike, parts: Sequence[str] | None = None
       try:
         out[part] = checkpointer.restore((directory / part).absolute())
       except Exception as e:  # orbax raises many types (OSError, ValueError, tensorstore errors)
+        _drain_failed_reads()
         first = str(e).split(". See full TensorStore details")[0].splitlines()
         raise ValueError(f"corrupt checkpoint part {part!r} in {directory} (a file missing or "
                          f"damaged): {type(e).__name__}: {first[0] if first else ''}") from e
   return config, out
+
+
+def _drain_failed_reads(quiet_s: float = 0.5, limit_s: float = 30.0) -> None:
+  """Waits out the reads still in flight after a failed restore, with `sys.stderr` held.
+
+  orbax runs a restore on an event loop it closes when the first read fails; the part's other
+  reads then finish on tensorstore's threads and each reports "RuntimeError: Event loop is
+  closed", with a traceback, on `sys.stderr` (hundreds for a large part), burying the one line
+  that says what is wrong. They come within milliseconds to seconds; this returns once none has
+  come for `quiet_s` (at most `limit_s`). A checkpoint is read before anything else runs, so
+  nothing else is writing to stderr meanwhile."""
+  held, real = io.StringIO(), sys.stderr
+  sys.stderr = held
+  try:
+    seen, quiet_since, start = -1, time.monotonic(), time.monotonic()
+    while time.monotonic() - start < limit_s:
+      time.sleep(0.05)
+      if held.tell() != seen:
+        seen, quiet_since = held.tell(), time.monotonic()
+      elif time.monotonic() - quiet_since >= quiet_s:
+        break
+  finally:
+    sys.stderr = real
 
 
 def check_params(model: Mapping, part: str, tree: PyTree) -> None:
