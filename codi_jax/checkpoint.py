@@ -224,8 +224,6 @@ def load_model(directory: str | os.PathLike, parts: Sequence[str] | None = None
   if not parts:
     raise ValueError(f"checkpoint {directory} holds no model parts")
   out = {}
-  # Closed on every exit: after a failed read, a checkpointer left open has its background
-  # threads report "Event loop is closed" tracebacks at interpreter exit.
   with ocp.PyTreeCheckpointer() as checkpointer:
     for part in parts:
       try:

@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> None:
   try:  # a config flag reads its overrides from argv when its command's module defines it
     module = importlib.import_module(COMMANDS[command][0])
   except (ValueError, AttributeError, KeyError, TypeError) as e:
+    if not any(a.startswith("--config") for a in argv[2:]):
+      raise  # not a flag's doing
     _bad_flag(command, e)
   rest = argv[2:]
   if "-h" in rest or "--help" in rest:
