@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -324,8 +325,8 @@ def test_two_processes_share_the_work(workspace, one, tmp_path):
   ids = ["img-text", "img-image", "img-video", "bad-modality"]  # 3 items on 4 devices
   lines = [json.dumps({**SMALL, **line}) for line in LINES if line.get("id") in ids]
   (tmp_path / "two.jsonl").write_text("\n".join(lines) + "\n")
-  for name in ("in.png", "in.mp4"):
-    (tmp_path / name).symlink_to(workspace / name)
+  for name in ("in.png", "in.mp4"):  # copies: a link out of the manifest's folder needs a flag
+    shutil.copy(workspace / name, tmp_path / name)
   out = tmp_path / "job"
   cmd = [sys.executable, "-m", "codi_jax.cli", "sample", "--ckpt", str(workspace / "ckpt"),
          "--manifest", str(tmp_path / "two.jsonl"), "--out", str(out),
