@@ -9,8 +9,9 @@ loaded through the key map and run; one row per stored output is printed. Exit s
 every output of every selected file passes; a file or output that cannot be handled fails.
 `tests/fixtures/codi_reference` in a checkout of the repository is the development set (the
 fixtures are not installed with the package); `tests/fixtures/codi_e2e` holds end-to-end runs of
-the original's inference, checked through the whole pipeline (`codi_jax.parity.e2e`). The CLIP/Optimus fixtures also check our tokenizers
-on the real vocabularies: --tokenizers, else $CODI_TOKENIZERS, else the bundled ones.
+the original's inference, checked through the whole pipeline (`codi_jax.parity.e2e`). The
+CLIP/Optimus fixtures also check our tokenizers on the real vocabularies: --tokenizers, else
+$CODI_TOKENIZERS, else the bundled ones.
 """
 
 from __future__ import annotations

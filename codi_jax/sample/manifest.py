@@ -7,10 +7,10 @@ Fields: `id` (unique; letters, digits, `.`, `_`, `-`; default: the line number) 
 output folder. `inputs` maps modalities to a text prompt or to media files (image PNG/JPEG, audio
 WAV/FLAC, video MP4), relative to the manifest's folder and inside it (an absolute path or one
 climbing out with `..`, or a link leading out, fails its line unless the job allows it:
-`--allow_outside_media`).
-`outputs` is a list of modalities (or "image,audio"). Optional: `weights` per input, `seed`, `guidance_scale`, `ddim_steps`, `eta`,
-`num_samples`, `image_size`, `num_frames`, `audio_seconds`, `alignment`, as in `codi-jax generate`
-(defaults: the job's). Blank lines are skipped.
+`--allow_outside_media`). `outputs` is a list of modalities (or "image,audio"). Optional:
+`weights` per input, `seed`, `guidance_scale`, `ddim_steps`, `eta`, `num_samples`, `image_size`,
+`num_frames`, `audio_seconds`, `alignment`, as in `codi-jax generate` (defaults: the job's).
+Blank lines are skipped.
 
 A bad line (not JSON, an unknown field or modality, a missing media file, a bad option, an id used
 twice) becomes a `Failure` naming its line; media are decoded when the item is prepared, so a
