@@ -38,6 +38,7 @@ import numpy as np
 from codi_jax import checkpoint
 from codi_jax.convert.layout import to_channels_first, to_channels_last
 from codi_jax.convert.original import run_config_from_original
+from codi_jax.data.preprocess import from_unit_range
 from codi_jax.modality import Alignment, Modality
 from codi_jax.models.clip_preprocess import preprocess
 from codi_jax.models.optimus import PAD_ID, Optimus
@@ -107,14 +108,9 @@ def _crop_offset(pipe: CoDiPipeline, fx: Fixture, case: str, flip: bool) -> int 
   size = pipe.options.image_prompt_size
   for offset in range(max(h, w) - min(h, w) + 1 if h != w else 0):
     x = regularize_image(image, size, flip=flip, offset=offset)
-    if np.array_equal(to_channels_first(Modality.IMAGE, _to_uint8(x)), stored):
+    if np.array_equal(to_channels_first(Modality.IMAGE, from_unit_range(x)), stored):
       return offset
   return None
-
-
-def _to_uint8(x: np.ndarray) -> np.ndarray:
-  """A regularised image (u8 / 255 * 2 - 1 in float32) back on its uint8 grid, exactly."""
-  return np.round((x + 1.0) * 127.5).astype(np.uint8)
 
 
 def _plan(pipe: CoDiPipeline, fx: Fixture, case: str, spec: Mapping[str, Any],
@@ -162,7 +158,7 @@ def _case(pipe: CoDiPipeline, fx: Fixture, case: str, spec: Mapping[str, Any],
     elif m is Modality.IMAGE:
       x = pipe.condition_input(settings, m, inputs[m])  # [1, S, S, 3] in [-1, 1]
       produced[f"input/{case}/image_regularized_uint8_chw"] = (
-          to_channels_first(m, _to_uint8(x[0])), EXACT)
+          to_channels_first(m, from_unit_range(x[0])), EXACT)
       pre = pipe.encoders.clip.preprocess_config
       for name, image in (("cond", x), ("uncond", np.zeros_like(x))):
         pixels = to_channels_first(m, preprocess(image, pre))  # [1, 3, s, s]

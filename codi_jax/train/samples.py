@@ -51,6 +51,7 @@ from codi_jax.diffusion.ddim import DDIMSampler, initial_noise
 from codi_jax.diffusion.schedule import ScheduleConfig
 from codi_jax.modality import Modality
 from codi_jax.models import autoencoder, optimus, optimus_decode
+from codi_jax.pipeline_options import PixelQuantization, quantize_pixels
 from codi_jax.text.bpe import clean_generated
 from codi_jax.train import data as train_data
 from codi_jax.train import objectives
@@ -68,11 +69,8 @@ _DECODERS = {Modality.IMAGE: "autokl", Modality.VIDEO: "autokl", Modality.AUDIO:
              Modality.TEXT: "optimus"}
 
 Raw = dict[str, jax.Array]
+ROUND = PixelQuantization.ROUND  # training samples' pixels: the nearest level
 
-
-def _uint8(x: jax.Array) -> jax.Array:
-  """[-1, 1] pixels -> uint8, as `codi_jax.pipeline` writes them."""
-  return jnp.round((jnp.clip(x.astype(jnp.float32), -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)
 
 
 def _mel_image(mel: jax.Array) -> jax.Array:
@@ -250,7 +248,8 @@ class SampleLogger:
         if not self._has(_DECODERS[m]):
           continue  # noted when the logger was built
         if m in (Modality.IMAGE, Modality.VIDEO):
-          out[m.value] = _uint8(autoencoder.decode_image(models.image_vae, params["autokl"], z))
+          out[m.value] = quantize_pixels(
+              autoencoder.decode_image(models.image_vae, params["autokl"], z), ROUND)
         elif m is Modality.AUDIO:
           mel = autoencoder.decode_audio(models.audio_vae, params["audioldm_vae"], z)
           self._decode_audio_mel(params, mel[..., 0], out, "audio")
@@ -273,7 +272,8 @@ class SampleLogger:
         vae, p = models.image_vae, {"params": params["autokl"]}
         posterior = vae.apply(p, batch["image"], method=autoencoder.AutoencoderKL.encode)
         recon = vae.apply(p, posterior.mean, method=autoencoder.AutoencoderKL.decode)
-        out["image"] = _uint8(jnp.concatenate([batch["image"], recon], axis=2))  # [N, S, 2S, 3]
+        pair = jnp.concatenate([batch["image"], recon], axis=2)  # [N, S, 2S, 3]
+        out["image"] = quantize_pixels(pair, ROUND)
       if "audioldm_vae" in parts or VOCODER in parts:
         frames = objectives.audio_frames(batch["audio"].shape[1])
         fbank = wav_to_fbank(batch["audio"], frames)  # [N, T, M]
