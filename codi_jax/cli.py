@@ -118,8 +118,7 @@ def _bad_flag(command: str, error: Exception) -> None:
     what = what[1:-1]
   if isinstance(error, (AttributeError, KeyError)):  # a --config.<path>=... override
     what = f"the config has no field {what!r} (a --config.<field> override names it)"
-  raise SystemExit(f"codi-jax {command}: error: bad flag: {what}  (CODI_DEBUG=1 shows the "
-                   "traceback)") from None
+  _fail(command, f"bad flag: {what}")
 
 
 def _run(module, command: str, args: list[str]) -> int:
@@ -133,8 +132,12 @@ def _run(module, command: str, args: list[str]) -> int:
   except (ValueError, OSError) as e:
     if os.environ.get("CODI_DEBUG") == "1":
       raise
-    raise SystemExit(f"codi-jax {command}: error: {e}  (CODI_DEBUG=1 shows the traceback)"
-                     ) from None
+    _fail(command, str(e))
+
+
+def _fail(command: str, message: str) -> None:
+  """Ends the command with one line on stderr and exit status 1."""
+  raise SystemExit(f"codi-jax {command}: error: {message}  (CODI_DEBUG=1 shows the traceback)")
 
 
 if __name__ == "__main__":
