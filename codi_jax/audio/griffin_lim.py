@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from codi_jax.audio import mel as mel_lib
-from codi_jax.audio.stft import hann_window
+from codi_jax.audio.stft import padded_window, stft
 
 # Defaults of the tiny preset's decoder (`config.model.griffin_lim` overrides them).
 MEL_ITERS = 200
@@ -42,36 +42,15 @@ _EPS = 1e-8
 
 
 @functools.lru_cache(maxsize=16)
-def _window(n_fft: int, win_length: int) -> np.ndarray:
-  window = np.zeros(n_fft)
-  left = (n_fft - win_length) // 2
-  window[left:left + win_length] = hann_window(win_length, periodic=True)
-  return window
-
-
-@functools.lru_cache(maxsize=16)
 def _ola_norm(n_fft: int, hop: int, win_length: int, frames: int) -> np.ndarray:
   """1 / sum of squared shifted windows per sample of the padded signal (0 where ~0)."""
-  window = _window(n_fft, win_length)
+  window = padded_window(n_fft, win_length)
   total = np.zeros(n_fft + hop * (frames - 1))
   for i in range(frames):
     total[i * hop:i * hop + n_fft] += window * window
   inv = np.where(total > 1e-8, 1.0 / np.maximum(total, 1e-8), 0.0).astype(np.float32)
   inv.flags.writeable = False
   return inv
-
-
-def _fft_stft(x: jax.Array, n_fft: int, hop: int, win_length: int
-              ) -> tuple[jax.Array, jax.Array]:
-  """`stft(x, center=True, pad_mode="reflect")` by FFT instead of the DFT matmul (the same
-  transform; far cheaper inside Griffin-Lim's loop)."""
-  pad = n_fft // 2
-  x = jnp.pad(x.astype(jnp.float32), [(0, 0)] * (x.ndim - 1) + [(pad, pad)], mode="reflect")
-  frames = 1 + (x.shape[-1] - n_fft) // hop
-  index = np.arange(frames)[:, None] * hop + np.arange(n_fft)[None, :]  # [N, n_fft]
-  spec = jnp.fft.rfft(x[..., index] * jnp.asarray(_window(n_fft, win_length), jnp.float32),
-                      axis=-1)  # [..., N, K]
-  return jnp.real(spec), jnp.imag(spec)
 
 
 def istft(real: jax.Array, imag: jax.Array, n_fft: int, hop: int, win_length: int | None = None,
@@ -87,7 +66,7 @@ def istft(real: jax.Array, imag: jax.Array, n_fft: int, hop: int, win_length: in
     raise ValueError(f"istft: expected real and imaginary parts [..., N, {bins}] of equal shape, "
                      f"got {real.shape} and {imag.shape}")
   frames = real.shape[-2]
-  window = jnp.asarray(_window(n_fft, win_length), jnp.float32)
+  window = jnp.asarray(padded_window(n_fft, win_length), jnp.float32)
   chunks = jnp.fft.irfft(jax.lax.complex(real.astype(jnp.float32), imag.astype(jnp.float32)),
                          n=n_fft, axis=-1) * window  # [..., N, n_fft]
   total = n_fft + hop * (frames - 1)
@@ -141,7 +120,7 @@ def griffin_lim(magnitude: jax.Array, iterations: int = GL_ITERS, momentum: floa
   frames = magnitude.shape[-2]
   length = hop * (frames - 1) if length is None else length
   inverse = lambda re, im: istft(re, im, n_fft, hop, win_length, center=True, length=length)
-  forward = lambda x: _fft_stft(x, n_fft, hop, win_length)
+  forward = lambda x: stft(x, n_fft, hop, win_length)
 
   def project(re, im):
     """The consistent spectrogram nearest to magnitude * phase(re + i im)."""

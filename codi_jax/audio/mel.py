@@ -107,7 +107,9 @@ def mel_spectrogram(wave: jax.Array, *, sample_rate: int = SAMPLE_RATE, n_fft: i
   """
   if wave.ndim != 2:
     raise ValueError(f"mel_spectrogram: expected a mono batch [B, T], got shape {wave.shape}")
-  real, imag = stft(wave, n_fft, hop, win_length, center=True, pad_mode="reflect")  # [B, N, K]
+  # The direct DFT: its log-magnitudes are a parity output (`codi_jax.audio.stft`).
+  real, imag = stft(wave, n_fft, hop, win_length, center=True, pad_mode="reflect",
+                    method="dft")  # [B, N, K]
   magnitude = jnp.sqrt(real * real + imag * imag)
   basis = jnp.asarray(_cached_filterbank(sample_rate, n_fft, n_mels, float(fmin), float(fmax)))
   mel = jnp.einsum("mk,bnk->bmn", basis, magnitude,

@@ -43,12 +43,14 @@ def test_hann_window():
   np.testing.assert_allclose(hann_window(16), np.hanning(17)[:-1], atol=1e-15)
 
 
+@pytest.mark.parametrize("method", ["fft", "dft"])
 @pytest.mark.parametrize("center,pad_mode,win_length", [
     (True, "reflect", None), (True, "constant", 48), (False, "reflect", 64)])
-def test_stft_matches_numpy_rfft(center, pad_mode, win_length):
+def test_stft_matches_numpy_rfft(center, pad_mode, win_length, method):
   n_fft, hop = 64, 20
   x = np.random.default_rng(0).normal(size=(2, 3, 300)).astype(np.float32)
-  real, imag = stft(jnp.asarray(x), n_fft, hop, win_length, center=center, pad_mode=pad_mode)
+  real, imag = stft(jnp.asarray(x), n_fft, hop, win_length, center=center, pad_mode=pad_mode,
+                    method=method)
   win_length = win_length or n_fft
   window = np.zeros(n_fft)
   window[(n_fft - win_length) // 2:][:win_length] = hann_window(win_length)
@@ -97,6 +99,7 @@ def test_fbank_frames():
     (lambda: stft(jnp.zeros((100,)), 0, 10), "positive"),
     (lambda: stft(jnp.zeros((100,)), 32, 8, win_length=64), "win_length"),
     (lambda: stft(jnp.zeros((100,)), 32, 8, pad_mode="edge"), "pad_mode"),
+    (lambda: stft(jnp.zeros((100,)), 32, 8, method="fast"), "method"),
     (lambda: stft(jnp.zeros((10,)), 32, 8), "reflect padding"),
     (lambda: stft(jnp.zeros((10,)), 32, 8, center=False), "shorter than one frame"),
     (lambda: mel_filterbank(16000, 1024, 64, 0.0, 8000.0, norm="l2"), "norm"),
