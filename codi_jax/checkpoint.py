@@ -227,7 +227,12 @@ def load_model(directory: str | os.PathLike, parts: Sequence[str] | None = None
   with ocp.PyTreeCheckpointer() as checkpointer:
     for part in parts:
       try:
-        out[part] = checkpointer.restore((directory / part).absolute())
+        path = (directory / part).absolute()
+        # As numpy, whatever mesh wrote it: the saved shardings name the writer's devices
+        # (a model trained on 2 devices then fails to load on 1).
+        tree = checkpointer.metadata(path).item_metadata.tree
+        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        out[part] = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
       except Exception as e:  # orbax raises many types (OSError, ValueError, tensorstore errors)
         _drain_failed_reads()
         first = str(e).split(". See full TensorStore details")[0].splitlines()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ from codi_jax import checkpoint
 from codi_jax.data import cache
 from configs.codi import get_config
 from tests.conftest import REPO
+from tests.cpu_devices import xla_flags
 
 PARTS = ("hifigan_vocoder", "clap")  # small, and clap has batch_stats
 
@@ -67,6 +69,26 @@ def test_save_load_round_trip(config, params, tmp_path):
   _, only = checkpoint.load_model(tmp_path / "ckpt", ["clap"])
   assert set(only) == {"clap"}
   checkpoint.check_params(config.model, "clap", only["clap"])
+
+
+def test_a_model_trained_on_eight_devices_loads_in_a_one_device_process(config, params,
+                                                                         tmp_path):
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+  from codi_jax.train.loop import export_model
+
+  mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+  spread = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(
+      mesh, PartitionSpec("data") if a.ndim and a.shape[0] % 8 == 0 else PartitionSpec())), params)
+  export_model(tmp_path / "ckpt", spread, config)  # as training writes it: sharded arrays
+  code = ("import sys, jax, numpy as np; from codi_jax import checkpoint; "
+          "_, p = checkpoint.load_model(sys.argv[1]); assert jax.device_count() == 1; "
+          "print(sum(a.size for a in jax.tree.leaves(p)))")
+  env = {**os.environ, "XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ckpt")], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert int(out.stdout.split()[-1]) == sum(a.size for a in jax.tree.leaves(params))
 
 
 def test_outputs_get_the_permissions_the_umask_gives(config, params, tmp_path):
