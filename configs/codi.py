@@ -251,6 +251,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       # align_encoders also trains the CLIP text tower: for training from scratch; a pretrained
       # (e.g. released) CLIP keeps its text space frozen as the bridge.
       align_text_encoder=arg != "full",
+      # align_encoders: + this weight x each token's uniformity (objectives.uniformity_loss).
+      align_uniformity_weight=0.0,
       # The autoencoders stage trains these one after the other; part:N gives the part N shares of
       # the stage's steps (default 1 each).
       # (the tiny preset decodes audio with Griffin-Lim, so it trains no vocoder).
@@ -268,6 +270,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       tfds_dir="",  # a prepared tfds dataset folder for `tfds`
       image_size=t["image_size"], num_frames=p["num_frames"], audio_samples=t["audio_samples"],
       bert_length=t["bert_length"], gpt2_length=t["gpt2_length"],
+      # Synthetic only: examples in pairs that differ in one attribute, kept in one batch (hard
+      # negatives for align_encoders; `codi_jax.data.synthetic`).
+      minimal_pairs=False,
       tokenizers="",  # CLIP/BERT/GPT-2 vocabulary folder (default: $CODI_TOKENIZERS, else bundled)
       num_workers=0))
 

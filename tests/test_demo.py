@@ -29,10 +29,11 @@ def test_stage_steps_parses_overrides_and_rejects_bad_ones():
 
 def test_stages_run_in_order_each_from_the_ones_before_and_finished_ones_are_reused(
     tmp_path, monkeypatch):
-  calls = []
+  calls, data_settings = [], []
 
   def fake_train(config, workdir):
     calls.append((config.stage, config.train.steps, config.init_from))
+    data_settings.append((config.stage, config.data.minimal_pairs))
     (pathlib.Path(workdir) / MODEL_DIR).mkdir(parents=True)
     return Summary(config.stage, 0, config.train.steps, "init_from", 0.5, 1.0,
                    str(pathlib.Path(workdir) / MODEL_DIR), False)
@@ -41,13 +42,13 @@ def test_stages_run_in_order_each_from_the_ones_before_and_finished_ones_are_reu
   monkeypatch.setattr(loop, "train", fake_train)
   config = get_config("tiny")
   steps = demo.stage_steps(["diffuse_text=5"])
-  # A run that already finished the first two stages (e.g. stopped and started again).
-  for stage in stages.STAGES[:2]:
+  # A run that already finished the first stage (e.g. stopped and started again).
+  for stage in stages.STAGES[:1]:
     (tmp_path / "stages" / stage / MODEL_DIR).mkdir(parents=True)
   summaries = demo.train_stages(config, tmp_path, steps)
   assert [s["stage"] for s in summaries] == list(stages.STAGES)
-  assert [s.get("reused", False) for s in summaries] == [True, True] + [False] * 5
-  assert [c[0] for c in calls] == list(stages.STAGES[2:])
+  assert [s.get("reused", False) for s in summaries] == [True] + [False] * 6
+  assert [c[0] for c in calls] == list(stages.STAGES[1:])
   models = [str(tmp_path / "stages" / s / MODEL_DIR) for s in stages.STAGES]
   for stage, n, init_from in calls:
     before = models[:stages.STAGES.index(stage)]
@@ -55,6 +56,23 @@ def test_stages_run_in_order_each_from_the_ones_before_and_finished_ones_are_reu
   assert json.loads((tmp_path / "stages" / "diffuse_text" / "summary.json").read_text())[
       "steps"] == 5
   assert config.stage == "diffuse_image"  # the caller's config is untouched
+  align = [c for c in data_settings if c[0] == "align_encoders"]
+  assert align == [("align_encoders", True)]  # a stage's `data` entry reaches config.data
+  assert {c[1] for c in data_settings if c[0] != "align_encoders"} == {False}
+
+
+def test_use_cpu_devices_sets_the_count_unless_xla_flags_does(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_foo=1")
+  demo.use_cpu_devices(3)
+  assert demo.os.environ["XLA_FLAGS"] == (
+      "--xla_cpu_foo=1 --xla_force_host_platform_device_count=3")
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=5")
+  demo.use_cpu_devices(0)
+  assert demo.os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=5"
+  monkeypatch.delenv("XLA_FLAGS")
+  demo.use_cpu_devices(0)
+  assert demo.os.environ["XLA_FLAGS"] == (
+      f"--xla_force_host_platform_device_count={demo.os.cpu_count()}")
 
 
 def test_demo_reuses_finished_stages_and_writes_gallery_and_report(tmp_path):

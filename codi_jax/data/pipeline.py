@@ -10,6 +10,7 @@ Order of the pipeline (all `MapDataset`s, so an iterator's state is a few indice
 
   source i -> decode (None when the example lacks a needed modality or its media do not decode)
            -> shuffle(seed_i) -> repeat()          each epoch of a source is a fresh permutation
+                                                   (of pairs, for minimal-pair synthetic data)
   mix(weights) -> random_map(preprocess)           per global position: crops differ per epoch
   -> [process_index::process_count]                processes split the one global sequence
   -> to_iter_dataset (skips Nones) -> batch(B) -> mp_prefetch(num_workers)
@@ -307,6 +308,35 @@ class _Preprocess(grain.transforms.RandomMap):
     return out
 
 
+class _ShufflePairs(grain.MapDataset):
+  """Shuffles the examples in pairs (2k, 2k+1) that stay next to each other: a batch of an even
+  size then holds both members of each pair (`synthetic.SyntheticConfig.minimal_pairs`). Each
+  epoch is a fresh permutation of the pairs, as `MapDataset.shuffle` does for examples."""
+
+  def __init__(self, parent: grain.MapDataset, seed: int):
+    super().__init__(parent)
+    self._pairs = grain.MapDataset.range(len(parent) // 2).shuffle(seed=seed)
+
+  def __len__(self) -> int:
+    return 2 * len(self._pairs)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    pair = self._pairs[index // 2] % len(self._pairs)
+    return self._parent[2 * pair + index % 2]
+
+  def __str__(self) -> str:
+    return "ShufflePairs"
+
+
+def _shuffled(ds: grain.MapDataset, source: Source, seed: int) -> grain.MapDataset:
+  """One epoch of a source in a seeded random order (in pairs for minimal-pair synthetic data)."""
+  if isinstance(source, SyntheticSource) and source.config.minimal_pairs:
+    return _ShufflePairs(ds, seed)
+  return ds.shuffle(seed=seed)
+
+
 def _source_dataset(source: Source, spec: StageData) -> grain.MapDataset:
   """One epoch of a source as decoded dicts (None where the stage cannot use an example)."""
   if isinstance(source, SyntheticSource):
@@ -350,12 +380,16 @@ def build_pipeline(spec: StageData, *, batch_size: int, seed: int,
     raise ValueError(f"process_index must be in [0, process_count), got {process_index} of "
                      f"{process_count}")
 
+  if num_workers > 1 and any(isinstance(s, SyntheticSource) and s.config.minimal_pairs
+                             for s in spec.sources):
+    raise ValueError("minimal pairs stay in one batch only with num_workers <= 1 (each worker "
+                     f"batches its own slice of the stream), got {num_workers}")
   parts = []
   for i, source in enumerate(spec.sources):
     ds = _source_dataset(source, spec)
     if len(ds) == 0:
       raise ValueError(f"source {source.name!r} of stage {spec.name!r} is empty")
-    parts.append(ds.shuffle(seed=_derived_seed(seed, i)).repeat())
+    parts.append(_shuffled(ds, source, _derived_seed(seed, i)).repeat())
   weights = [s.weight for s in spec.sources]
   ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
   ds = ds.random_map(_Preprocess(spec, tokenizer), seed=_derived_seed(seed, len(parts)))

@@ -19,6 +19,13 @@ background grey, detune, pulse rate and phase, loudness, caption wording), so no
 equal. An example is a pure function of (seed, split, index): its random stream is seeded with
 `np.random.SeedSequence((seed, crc32(split), index))`, so splits never share an example.
 
+With `SyntheticConfig.minimal_pairs`, examples 2k and 2k+1 differ in exactly one visual attribute
+(chosen uniformly, with the sound attribute keyed to it); everything else about them is drawn
+independently. A batch holding both members of its pairs (`codi_jax.data.pipeline` keeps them
+together) then has, for every example, a negative that only one attribute tells apart: the hard
+negatives that contrastive alignment needs to encode position and motion, which a random batch of
+128 almost never has (0.5 per example). A curriculum for this dataset only.
+
 The video's trajectory is centred on the image's object position and, for every allowed centre and
 extent, stays inside its quadrant; the image is the object at mid-trajectory.
 
@@ -148,6 +155,7 @@ class SyntheticConfig:
   train_size: int = 4096
   validation_size: int = 256
   test_size: int = 256
+  minimal_pairs: bool = False  # see the module docstring
 
   def __post_init__(self):
     ints = {"image_size": self.image_size, "num_frames": self.num_frames,
@@ -156,6 +164,8 @@ class SyntheticConfig:
     for name, value in ints.items():
       if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"SyntheticConfig.{name} must be an integer, got {value!r}")
+    if not isinstance(self.minimal_pairs, bool):
+      raise ValueError(f"SyntheticConfig.minimal_pairs must be a bool, got {self.minimal_pairs!r}")
     if self.image_size < 32:
       raise ValueError(f"SyntheticConfig.image_size must be >= 32, got {self.image_size}")
     if self.num_frames < 2:
@@ -302,7 +312,11 @@ def generate(config: SyntheticConfig, split: str, index: int,
   if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < size:
     raise ValueError(f"index must be an integer in [0, {size}) for split {split!r}, got {index!r}")
   rng = _example_rng(config.seed, split, int(index))
-  scene = _sample_scene(rng)
+  if config.minimal_pairs and index % 2:
+    partner = _sample_scene(_example_rng(config.seed, split, int(index) - 1)).attributes
+    scene = _sample_scene(rng, _one_changed(partner, rng))
+  else:
+    scene = _sample_scene(rng)
   text = caption(scene.attributes, rng)
   return SyntheticExample(
       key=f"synthetic-s{config.seed}-{split}-{int(index):07d}",
@@ -321,9 +335,19 @@ def _pick(rng: np.random.Generator, options):
   return options[int(rng.integers(len(options)))]
 
 
-def _sample_scene(rng: np.random.Generator) -> _Scene:
-  attributes = Attributes(**{name: _pick(rng, list(kind))
-                             for name, kind in VISUAL_ATTRIBUTES.items()})
+def _one_changed(attributes: Attributes, rng: np.random.Generator) -> Attributes:
+  """`attributes` with one visual attribute (chosen uniformly) set to another of its values."""
+  name = _pick(rng, list(VISUAL_ATTRIBUTES))
+  current = getattr(attributes, name)
+  value = _pick(rng, [v for v in VISUAL_ATTRIBUTES[name] if v is not current])
+  return dataclasses.replace(attributes, **{name: value})
+
+
+def _sample_scene(rng: np.random.Generator, attributes: Attributes | None = None) -> _Scene:
+  """A scene with the given attributes (drawn uniformly if None) and fresh variation."""
+  if attributes is None:
+    attributes = Attributes(**{name: _pick(rng, list(kind))
+                               for name, kind in VISUAL_ATTRIBUTES.items()})
   qx, qy = QUADRANT_CENTRE[attributes.position]
   jx, jy = rng.uniform(-CENTRE_JITTER, CENTRE_JITTER, size=2)
   return _Scene(

@@ -174,12 +174,19 @@ def _align_loss(phase: Phase, models: obj.Models, params, batch, keys, config):
     text = jax.lax.stop_gradient(text)
   scale = jnp.minimum(params["clip"]["logit_scale"], jnp.log(100.0))  # CLIP's clamp
   total, metrics = 0.0, {"logit_scale": jnp.exp(scale)}
+  uniformity = config.train.align_uniformity_weight
+  if uniformity and config.train.align_text_encoder:
+    metrics["text_uniformity"] = obj.uniformity_loss(text)
+    total = total + uniformity * metrics["text_uniformity"]
   for m in (Modality.IMAGE, Modality.VIDEO, Modality.AUDIO):
     tok = obj.condition_token(models, params, batch, m)
     loss = obj.contrastive_loss(tok, text, scale)
     total = total + loss
     metrics[f"{m.value}_text"] = loss
     metrics[f"{m.value}_text_cosine"] = jnp.mean(jnp.sum(tok * text, axis=-1))
+    if uniformity:
+      metrics[f"{m.value}_uniformity"] = obj.uniformity_loss(tok)
+      total = total + uniformity * metrics[f"{m.value}_uniformity"]
   return total, metrics
 
 

@@ -189,6 +189,33 @@ def test_two_processes_see_each_example_once_per_epoch():
   assert single["key"] == [keys[0][0], keys[1][0], keys[0][1]]
 
 
+def test_minimal_pairs_stay_together_in_a_batch():
+  source = pipeline.SyntheticSource(tiny_config(minimal_pairs=True), "train")
+  spec = pipeline.stage_data("autoencode_image", [source], image_size=16, num_frames=2,
+                             audio_samples=3000)
+  per_epoch = TRAIN_SIZE // 4
+  epochs = []
+  for process_count in (1, 2):
+    keys = []
+    for index in range(process_count):
+      batches = take(pipeline.build_pipeline(spec, batch_size=4 // process_count, seed=3,
+                                             process_index=index, process_count=process_count),
+                     2 * per_epoch)
+      keys.append([b["key"] for b in batches])
+    global_batches = [sum(parts, []) for parts in zip(*keys)]  # the global batch of 4
+    for batch in global_batches:
+      numbers = sorted(int(k.rsplit("-", 1)[1]) for k in batch)
+      assert numbers[0] % 2 == 0 and numbers[1] == numbers[0] + 1, batch
+      assert numbers[2] % 2 == 0 and numbers[3] == numbers[2] + 1, batch
+    epoch = [sorted(k for b in global_batches[e * per_epoch:(e + 1) * per_epoch] for k in b)
+             for e in range(2)]
+    assert epoch[0] == epoch[1] and len(set(epoch[0])) == TRAIN_SIZE  # each once per epoch
+    epochs.append([k for b in global_batches for k in b])
+  assert epochs[0][:TRAIN_SIZE] != epochs[0][TRAIN_SIZE:]  # the pairs are reshuffled
+  with pytest.raises(ValueError, match="num_workers <= 1"):
+    pipeline.build_pipeline(spec, batch_size=4, seed=3, num_workers=2)
+
+
 def test_mixture_follows_weights():
   spec = synthetic_stage("autoencode_image", weights=(3.0, 1.0))
   batches = take(pipeline.build_pipeline(spec, batch_size=4, seed=0, process_index=0,

@@ -4,6 +4,7 @@ clean examples and robust reading of perturbed ones, at the default and a larger
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 
 import numpy as np
@@ -138,10 +139,27 @@ def test_attribute_maps():
     ({"seed": -1}, "seed must be non-negative"),
     ({"validation_size": 0}, "validation_size must be positive"),
     ({"image_size": 32.0}, "image_size must be an integer"),
+    ({"minimal_pairs": 1}, "minimal_pairs must be a bool"),
 ])
 def test_config_validation(kwargs, match):
   with pytest.raises(ValueError, match=match):
     syn.SyntheticConfig(**kwargs)
+
+
+def test_minimal_pairs_differ_in_exactly_one_attribute():
+  paired = dataclasses.replace(CONFIG, minimal_pairs=True)
+  changed = collections.Counter()
+  for index in range(0, 200, 2):
+    first, second = (syn.generate(paired, "train", index + k, media=()) for k in (0, 1))
+    plain = syn.generate(CONFIG, "train", index, media=())  # even ones are unchanged
+    assert (first.text, first.attributes) == (plain.text, plain.attributes)
+    differ = [name for name in syn.VISUAL_ATTRIBUTES
+              if getattr(first.attributes, name) != getattr(second.attributes, name)]
+    assert len(differ) == 1, (first.attributes, second.attributes)
+    changed[differ[0]] += 1
+    assert first.text != second.text
+  assert set(changed) == set(syn.VISUAL_ATTRIBUTES)  # every attribute is the changed one
+  assert min(changed.values()) >= 10
 
 
 def test_bad_split_or_index():

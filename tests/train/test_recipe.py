@@ -211,3 +211,24 @@ def test_training_settings_are_checked_before_anything_runs(field, value, match)
   t[field] = value
   with pytest.raises(ValueError, match=match):
     state.check_train_settings(t)
+
+
+def test_contrast_weights_count_the_object_and_what_is_painted_over_the_background():
+  from codi_jax.train.objectives import contrast_weights
+  x = np.full((1, 4, 4, 3), -0.5, np.float32)  # a grey background
+  x[0, 0, 0] = (1.0, -1.0, -1.0)  # one red object pixel
+  recon = x.copy()
+  recon[0, 3, 3] = (0.5, -0.5, -0.5)  # colour painted over the background
+  weights = np.asarray(contrast_weights(jnp.asarray(x), jnp.asarray(recon), 10.0))[0, ..., 0]
+  assert weights[0, 0] == pytest.approx(1 + 10 * 1.5)  # the object, by the input
+  assert weights[3, 3] == pytest.approx(1 + 10 * 1.0)  # the spill, by the reconstruction
+  assert weights[1, 1] == pytest.approx(1.0)  # background reconstructed as background
+
+
+def test_uniformity_loss_closed_forms():
+  from codi_jax.train.objectives import uniformity_loss
+  same = jnp.ones((3, 4)) / 2.0
+  assert float(uniformity_loss(same)) == pytest.approx(0.0, abs=1e-6)  # collapsed: exp(0)
+  assert float(uniformity_loss(jnp.eye(4))) == pytest.approx(-4.0, abs=1e-5)  # |z_i - z_j|^2 = 2
+  spread = jnp.array([[1.0, 0.0], [-1.0, 0.0]])  # antipodal: |z_i - z_j|^2 = 4
+  assert float(uniformity_loss(spread, t=0.5)) == pytest.approx(-2.0, abs=1e-5)
