@@ -61,20 +61,6 @@ def test_stages_run_in_order_each_from_the_ones_before_and_finished_ones_are_reu
   assert {c[1] for c in data_settings if c[0] != "align_encoders"} == {False}
 
 
-def test_use_cpu_devices_sets_the_count_unless_xla_flags_does(monkeypatch):
-  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_foo=1")
-  demo.use_cpu_devices(3)
-  assert demo.os.environ["XLA_FLAGS"] == (
-      "--xla_cpu_foo=1 --xla_force_host_platform_device_count=3")
-  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=5")
-  demo.use_cpu_devices(0)
-  assert demo.os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=5"
-  monkeypatch.delenv("XLA_FLAGS")
-  demo.use_cpu_devices(0)
-  assert demo.os.environ["XLA_FLAGS"] == (
-      f"--xla_force_host_platform_device_count={demo.os.cpu_count()}")
-
-
 def test_demo_reuses_finished_stages_and_writes_gallery_and_report(tmp_path):
   """Every stage already finished (random weights): the demo merges, generates, scores, reports.
   Training itself is tested in tests/train; the benchmark's numbers in tests/test_evaluate."""
