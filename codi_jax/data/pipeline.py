@@ -107,6 +107,11 @@ class SyntheticSource:
   def name(self) -> str:
     return f"synthetic/{self.split}"
 
+  @property
+  def in_pairs(self) -> bool:
+    """Whether examples come as minimal pairs that must stay in one batch."""
+    return self.config.minimal_pairs
+
 
 @dataclasses.dataclass(frozen=True)
 class RecordShards:
@@ -332,7 +337,7 @@ class _ShufflePairs(grain.MapDataset):
 
 def _shuffled(ds: grain.MapDataset, source: Source, seed: int) -> grain.MapDataset:
   """One epoch of a source in a seeded random order (in pairs for minimal-pair synthetic data)."""
-  if isinstance(source, SyntheticSource) and source.config.minimal_pairs:
+  if isinstance(source, SyntheticSource) and source.in_pairs:
     return _ShufflePairs(ds, seed)
   return ds.shuffle(seed=seed)
 
@@ -380,7 +385,7 @@ def build_pipeline(spec: StageData, *, batch_size: int, seed: int,
     raise ValueError(f"process_index must be in [0, process_count), got {process_index} of "
                      f"{process_count}")
 
-  if num_workers > 1 and any(isinstance(s, SyntheticSource) and s.config.minimal_pairs
+  if num_workers > 1 and any(isinstance(s, SyntheticSource) and s.in_pairs
                              for s in spec.sources):
     raise ValueError("minimal pairs stay in one batch only with num_workers <= 1 (each worker "
                      f"batches its own slice of the stream), got {num_workers}")

@@ -73,7 +73,7 @@ def sources(config: ml_collections.ConfigDict, split: str = "train") -> list[pip
     return [pipeline.SyntheticSource(synthetic.SyntheticConfig(
         image_size=max(32, d.image_size), num_frames=d.num_frames,
         audio_seconds=max(0.5, seconds), seed=config.seed,
-        minimal_pairs=bool(d.minimal_pairs)), split=split)]
+        minimal_pairs=d.minimal_pairs), split=split)]
   if d.source == "records":
     paths = tuple(p.strip() for p in str(d.records).split(",") if p.strip())
     return [pipeline.RecordShards(paths)]
