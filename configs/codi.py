@@ -89,14 +89,14 @@ ENCODERS = {
 # schedule that suits the preset's scale.
 PRESET_TRAIN = {
     "tiny": dict(steps=200, batch_size=8, learning_rate=1e-3, warmup_steps=20, image_size=32,
-                 audio_samples=16 * 625, bert_length=32, gpt2_length=32, log_every=10,
-                 checkpoint_every=100, sample_every=100),
+                 audio_samples=16 * 625, clip_length=32, bert_length=32, gpt2_length=32,
+                 log_every=10, checkpoint_every=100, sample_every=100),
     "small": dict(steps=100_000, batch_size=64, learning_rate=1e-4, warmup_steps=1000,
-                  image_size=256, audio_samples=256 * 625, bert_length=64, gpt2_length=64,
-                  log_every=50, checkpoint_every=2000, sample_every=5000),
+                  image_size=256, audio_samples=256 * 625, clip_length=77, bert_length=64,
+                  gpt2_length=64, log_every=50, checkpoint_every=2000, sample_every=5000),
     "full": dict(steps=500_000, batch_size=256, learning_rate=1e-4, warmup_steps=10_000,
-                 image_size=256, audio_samples=256 * 625, bert_length=64, gpt2_length=64,
-                 log_every=100, checkpoint_every=5000, sample_every=5000),
+                 image_size=256, audio_samples=256 * 625, clip_length=77, bert_length=64,
+                 gpt2_length=64, log_every=100, checkpoint_every=5000, sample_every=5000),
 }
 
 # Logical axis -> mesh axes, tried in order; a dim takes the first rule whose mesh axes are free
@@ -237,11 +237,14 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       optimus_beta=0.5, optimus_free_bits=0.5,
       # Optimus training-only options (objectives.optimus_loss): softmax "full" | "batch" (over
       # the batch's target tokens only: a sampled softmax, far cheaper than 50k-way on a CPU);
+      # softmax_candidates: "batch"'s candidate count (0: one per target token, always every
+      # distinct id; a cap near the ids a batch really holds is faster, and should a batch hold
+      # more, the targets left out are dropped from the loss and counted in a metric);
       # word_dropout: decoder inputs -> <PAD> with this probability (against posterior collapse);
       # bow_weight: bag-of-words loss from linear_emb(z); posterior_noise 0: a deterministic
       # autoencoder on the mean. The released recipe is the plain objective (full, 0, 0, 1).
-      optimus_softmax="full", optimus_word_dropout=0.0, optimus_bow_weight=0.0,
-      optimus_posterior_noise=1.0,
+      optimus_softmax="full", optimus_softmax_candidates=0, optimus_word_dropout=0.0,
+      optimus_bow_weight=0.0, optimus_posterior_noise=1.0,
       env_contrastive_weight=0.1, env_contrastive_scale=10.0,
       # After `autoencoders`: examples the latent shift/scale are measured on (latent_stats).
       latent_stats_examples=512,
@@ -269,7 +272,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       records="",  # record shards (files, folders, globs; comma-separated) for `records`
       tfds_dir="",  # a prepared tfds dataset folder for `tfds`
       image_size=t["image_size"], num_frames=p["num_frames"], audio_samples=t["audio_samples"],
-      bert_length=t["bert_length"], gpt2_length=t["gpt2_length"],
+      # Training's CLIP token length (CLIP's context is 77). The text tower is causal and reads
+      # its output at the first end-of-text, so a caption that fits gives the same token at any
+      # length; a shorter one is cheaper (longer captions are cut, keeping the end-of-text).
+      clip_length=t["clip_length"], bert_length=t["bert_length"], gpt2_length=t["gpt2_length"],
       # Synthetic only: examples in pairs that differ in one attribute, kept in one batch (hard
       # negatives for align_encoders; `codi_jax.data.synthetic`).
       minimal_pairs=False,

@@ -108,7 +108,8 @@ def arrays(batch: Mapping[str, Any], tokenizers: Tokenizers,
   out = {k: np.asarray(v) for k, v in batch.items() if k in ARRAY_FIELDS}
   if "text" in batch:
     texts = list(batch["text"])
-    out["clip_ids"] = tokenizers.clip.encode_batch(texts).astype(np.int32)
+    out["clip_ids"] = tokenizers.clip.encode_batch(texts, config.data.clip_length).astype(
+        np.int32)
     out["bert_ids"] = bert_ids(tokenizers.bert, texts, config.data.bert_length)
     out["gpt2_ids"] = gpt2_ids(tokenizers.gpt2, texts, config.data.gpt2_length)
   return out

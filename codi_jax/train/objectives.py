@@ -233,8 +233,8 @@ def vocoder_loss(model: vocoder.HiFiGAN, params: PyTree, audio: jax.Array, frame
 
 def optimus_loss(model: optimus.Optimus, params: PyTree, bert_ids: jax.Array, gpt2_ids: jax.Array,
                  keys: jax.Array, beta: float, free_bits: float, *, softmax: str = "full",
-                 word_dropout: float = 0.0, bow_weight: float = 0.0, posterior_noise: float = 1.0
-                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+                 candidates: int = 0, word_dropout: float = 0.0, bow_weight: float = 0.0,
+                 posterior_noise: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Optimus' VAE objective: token cross-entropy of GPT-2 given z ~ q(z | BERT(text)), plus
   beta * KL with free bits (per latent dimension, as Optimus does), both per target token.
 
@@ -243,6 +243,12 @@ def optimus_loss(model: optimus.Optimus, params: PyTree, bert_ids: jax.Array, gp
                      the batch's targets only (a sampled softmax with the batch as candidates;
                      the tied output matrix restricted to those rows): the full 50k-way softmax
                      is most of a small model's cost, and from scratch it learns faster.
+    candidates       "batch" only: at most this many candidates (0: as many as the batch has
+                     target tokens, which always holds every distinct id). The logits are
+                     [B, T, candidates], so a cap near the number of distinct ids a batch really
+                     holds (~60 for the synthetic captions) halves a tiny Optimus' step. Should a
+                     batch hold more distinct ids, the smallest ones are kept and the targets left
+                     out are dropped from the loss (metric `candidate_miss`: their share).
     word_dropout     probability of replacing each decoder input token after <BOS> by <PAD>
                      (Bowman et al. 2016): a weaker language model leans on z, against collapse.
     bow_weight       weight of a bag-of-words loss (Zhao et al. 2017): `linear_emb(z)` against the
@@ -271,11 +277,16 @@ def optimus_loss(model: optimus.Optimus, params: PyTree, bert_ids: jax.Array, gp
     table = params["decoder"]["transformer"]["wte"]["embedding"]  # [V, E]
     if softmax == "batch":
       # Candidates: the distinct target ids, padded with -1 to a static size (masked out).
-      vocab = jnp.unique(targets.reshape(-1), size=targets.size, fill_value=-1)  # [K] sorted
+      size = min(candidates, targets.size) if candidates > 0 else targets.size
+      # jnp.unique: the sorted distinct ids first, then the padding.
+      vocab = jnp.unique(targets.reshape(-1), size=targets.size, fill_value=-1)[:size]  # [K]
       valid = vocab >= 0
       rows = table[jnp.where(valid, vocab, 0)]  # [K, E]
-      target_index = jnp.searchsorted(jnp.where(valid, vocab, jnp.iinfo(vocab.dtype).max),
-                                      targets)
+      target_index = jnp.minimum(jnp.searchsorted(
+          jnp.where(valid, vocab, jnp.iinfo(vocab.dtype).max), targets), size - 1)
+      found = (vocab[target_index] == targets).astype(jnp.float32)
+      miss = jnp.sum(mask * (1.0 - found)) / tokens
+      mask, tokens = mask * found, jnp.maximum(jnp.sum(mask * found), 1.0)
       restrict = lambda x: jnp.where(valid, x, -1e9)
     else:
       vocab, rows, target_index, restrict = None, table, targets, lambda x: x
@@ -292,6 +303,8 @@ def optimus_loss(model: optimus.Optimus, params: PyTree, bert_ids: jax.Array, gp
   loss = ce + beta * kl
   metrics = {"ce": ce, "kl": kl, "token_accuracy": accuracy,
              "mu_spread": jnp.mean(jnp.std(posterior.mu, axis=0))}
+  if vocab is not None:
+    metrics["candidate_miss"] = miss
   if bow_weight > 0:
     bow_logits = restrict(model.apply(variables, z, method=_latent_embedding) @ rows.T)  # [B, K]
     bow_logp = jax.nn.log_softmax(bow_logits, axis=-1)
@@ -303,9 +316,10 @@ def optimus_loss(model: optimus.Optimus, params: PyTree, bert_ids: jax.Array, gp
 
 def optimus_options(t: Mapping[str, Any]) -> dict[str, Any]:
   """`optimus_loss`'s training-only options from `config.train` (`optimus_softmax`,
-  `optimus_word_dropout`, `optimus_bow_weight`, `optimus_posterior_noise`); absent keys keep
-  the plain objective."""
+  `optimus_softmax_candidates`, `optimus_word_dropout`, `optimus_bow_weight`,
+  `optimus_posterior_noise`); absent keys keep the plain objective."""
   return dict(softmax=str(t.get("optimus_softmax", "full")),
+              candidates=int(t.get("optimus_softmax_candidates", 0)),
               word_dropout=float(t.get("optimus_word_dropout", 0.0)),
               bow_weight=float(t.get("optimus_bow_weight", 0.0)),
               posterior_noise=float(t.get("optimus_posterior_noise", 1.0)))

@@ -220,7 +220,8 @@ DECAYS = ("cosine", "constant")  # after warm-up
 
 _POSITIVE_INTS = ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
                   "latent_stats_examples", "sample_count", "sample_ddim_steps")
-_NON_NEGATIVE_INTS = ("warmup_steps", "sample_every", "quality_examples")
+_NON_NEGATIVE_INTS = ("warmup_steps", "sample_every", "quality_examples",
+                      "optimus_softmax_candidates")
 _POSITIVE_NUMBERS = ("learning_rate", "grad_clip", "eps")
 _NON_NEGATIVE_NUMBERS = ("weight_decay", "kl_weight", "cond_dropout", "end_learning_rate_fraction")
 

@@ -48,7 +48,7 @@ def batch_shapes(config: ml_collections.ConfigDict, modalities, batch_size: int
     elif m is Modality.AUDIO:
       out["audio"] = jax.ShapeDtypeStruct((b, d.audio_samples), jnp.float32)
     else:
-      out["clip_ids"] = jax.ShapeDtypeStruct((b, 77), jnp.int32)
+      out["clip_ids"] = jax.ShapeDtypeStruct((b, d.clip_length), jnp.int32)
       out["bert_ids"] = jax.ShapeDtypeStruct((b, d.bert_length), jnp.int32)
       out["gpt2_ids"] = jax.ShapeDtypeStruct((b, d.gpt2_length), jnp.int32)
   return out

@@ -196,6 +196,7 @@ def test_the_released_constants_are_untouched():
     ("checkpoint_every", 0, "checkpoint_every must be a positive integer, got 0"),
     ("batch_size", -4, "batch_size must be a positive integer"),
     ("warmup_steps", -1, "warmup_steps must be an integer >= 0"),
+    ("optimus_softmax_candidates", -1, "optimus_softmax_candidates must be an integer >= 0"),
     ("learning_rate", 0.0, "learning_rate must be a finite number positive"),
     ("learning_rate", float("nan"), "learning_rate must be a finite number"),
     ("weight_decay", -0.1, "weight_decay must be a finite number >= 0"),
@@ -232,3 +233,50 @@ def test_uniformity_loss_closed_forms():
   assert float(uniformity_loss(jnp.eye(4))) == pytest.approx(-4.0, abs=1e-5)  # |z_i - z_j|^2 = 2
   spread = jnp.array([[1.0, 0.0], [-1.0, 0.0]])  # antipodal: |z_i - z_j|^2 = 4
   assert float(uniformity_loss(spread, t=0.5)) == pytest.approx(-2.0, abs=1e-5)
+
+
+def test_optimus_batch_softmax_candidates_cap():
+  """A cap at or above the batch's distinct ids changes nothing; a smaller cap keeps the smallest
+  ids and drops the other targets from the loss, reporting their share."""
+  import flax.linen as nn
+  from codi_jax.models import optimus
+  from codi_jax.train.objectives import optimus_loss
+  config = components.optimus_config(get_config("tiny").model)
+  model = optimus.Optimus(config)
+  params = nn.unbox(optimus.init_params(config, jax.random.key(0)))
+  rng = np.random.default_rng(0)
+  bert = jnp.asarray(rng.integers(1000, 1010, (4, 8)), jnp.int32)
+  gpt2 = jnp.asarray(rng.integers(1000, 1010, (4, 8)), jnp.int32)
+  keys = jax.random.split(jax.random.key(1), 4)
+  loss = lambda **kw: optimus_loss(model, params, bert, gpt2, keys, 0.5, 0.5, softmax="batch",
+                                   posterior_noise=0.0, bow_weight=1.0, **kw)
+  exact, exact_metrics = loss()
+  capped, capped_metrics = loss(candidates=10)  # 10 distinct ids at most
+  np.testing.assert_allclose(capped, exact, rtol=1e-6)
+  assert float(exact_metrics["candidate_miss"]) == 0.0
+  assert float(capped_metrics["candidate_miss"]) == 0.0
+  _, short_metrics = loss(candidates=3)
+  targets = np.asarray(gpt2[:, 1:])
+  kept = np.sort(np.unique(targets))[:3]
+  np.testing.assert_allclose(short_metrics["candidate_miss"], np.mean(~np.isin(targets, kept)),
+                             rtol=1e-6)
+  assert 0.0 <= float(short_metrics["token_accuracy"]) <= 1.0
+
+
+def test_a_shorter_clip_length_gives_the_same_text_token():
+  """CLIP's text tower is causal and read at the first end-of-text, so a caption that fits in
+  `config.data.clip_length` gets the token it gets at CLIP's 77."""
+  import flax.linen as nn
+  from codi_jax.models import clip
+  from codi_jax.train.data import load_tokenizers
+  config = get_config("tiny")
+  clip_config = components.clip_config(config.model)
+  params = nn.unbox(clip.init_params(clip_config, jax.random.key(0)))
+  tokenizer = load_tokenizers(None).clip
+  texts = ["A small red square in the top left corner, moving up.", ""]
+  encode = lambda ids: clip.CLIPModel(clip_config).apply(
+      {"params": params}, jnp.asarray(ids), method=clip.CLIPModel.encode_text)
+  short = encode(tokenizer.encode_batch(texts, config.data.clip_length))
+  full = encode(tokenizer.encode_batch(texts))
+  assert config.data.clip_length < 77
+  np.testing.assert_allclose(short, full, atol=1e-6)
