@@ -37,14 +37,16 @@ EVAL_EXAMPLES = flags.DEFINE_integer("eval_examples", 12,
 DDIM_STEPS = flags.DEFINE_integer("ddim_steps", 15, "DDIM steps of the generated examples.")
 TOKENIZERS = flags.DEFINE_string("tokenizers", None, common.TOKENIZERS_HELP)
 
-# Per stage: its steps and the `config.train` fields it sets beside them (sized so the whole demo,
-# compiles included, takes ~40 minutes on 2 CPU cores; benchmarks/RESULTS.md has the
-# measured times and what the model reaches). The image VAE weighs the object's pixels up
-# (`vae_contrast_weight`: the demo's data is always the synthetic set, one small object on a
-# plain background). Optimus learns what a caption says only at a large batch (at 16 its latent
-# carries the sentence's template, not its words), with the batch softmax, a bag-of-words loss
-# and the posterior mean as the latent (`objectives.optimus_loss`); text is cheap, so it gets
-# batch 128 and the largest share. Its encoder keeps moving until the end of this short budget,
+# Per stage: its steps and the `config.train` fields it sets beside them (sized for 2 CPU cores;
+# benchmarks/RESULTS.md has the measured times and what the model reaches). The image VAE weighs
+# the object's pixels up (`vae_contrast_weight`: the demo's data is always the synthetic set, one
+# small object on a plain background) and trains at batch 8 (1,200 steps at 8 read shapes better
+# than 600 at 16 in the same time: image shape 0.82 against 0.76). Optimus learns what a caption
+# says only at a large batch (at 16 its latent carries the sentence's template, not its words),
+# with the batch softmax (at most 256 candidates: a batch of captions holds fewer distinct ids),
+# a bag-of-words loss and the posterior mean as the latent (`objectives.optimus_loss`); text is
+# cheap, so it gets batch 128 and the largest share (1,500 steps: text position 0.99 and motion
+# 0.98, from 0.91 and 0.92 after 1,000). Its encoder keeps moving until the end of this budget,
 # so the stage keeps a constant rate and exports its last parameters (an EMA averages encoder and
 # decoder states that do not match; measured: text size and rhythm 0.77 with the EMA, 0.95
 # without; position 0.57 after a cosine decay, 0.93 at a constant rate). The audio VAE's short
@@ -59,10 +61,10 @@ TOKENIZERS = flags.DEFINE_string("tokenizers", None, common.TOKENIZERS_HELP)
 # and motion from 0.30 to 0.50 (weight 1.0 also reaches motion 0.52 but costs colour and shape).
 # A stage's `data` entry updates `config.data`.
 DEMO_STAGES = {
-    "autoencoders": dict(steps=1800, batch_size=16,
-                         autoencoders="autokl:3,audioldm_vae:1,optimus:5",
+    "autoencoders": dict(steps=2900, batch_size=16,
+                         autoencoders="autokl:12,audioldm_vae:2,optimus:15",
                          part_learning_rates="autokl=3e-3,optimus=3e-3",
-                         part_batch_sizes="optimus=128", vae_contrast_weight=10.0,
+                         part_batch_sizes="optimus=128,autokl=8", vae_contrast_weight=10.0,
                          optimus_softmax="batch", optimus_softmax_candidates=256,
                          optimus_bow_weight=1.0, optimus_posterior_noise=0.0, decay="constant", export_ema=False,
                          part_decays="audioldm_vae=cosine"),
@@ -74,6 +76,9 @@ DEMO_STAGES = {
     "diffuse_text": dict(steps=600),
     "latent_align": dict(steps=90),
 }
+
+
+CHECKPOINT_EVERY = 500  # steps between a stage's checkpoints (a hard kill loses at most these)
 
 
 def stage_steps(overrides: list[str]) -> dict[str, int]:
@@ -114,6 +119,8 @@ def train_stages(config, workdir: pathlib.Path, steps: dict[str, int]) -> list[d
       stage_config.train.update(settings, steps=steps[stage])
       stage_config.init_from = ",".join(str(m) for m in models)
       stage_config.train.sample_every = 0  # the gallery at the end shows what the model makes
+      # A save costs ~2-3 s of the 2 cores; SIGTERM (Ctrl-C, preemption) saves anyway.
+      stage_config.train.checkpoint_every = CHECKPOINT_EVERY
       start = time.perf_counter()
       summary = train(stage_config, str(run_dir))
       if summary.preempted:
