@@ -43,7 +43,7 @@ TOKENIZERS = flags.DEFINE_string("tokenizers", None, common.TOKENIZERS_HELP)
 # small object on a plain background) and trains at batch 8 (1,200 steps at 8 read shapes better
 # than 600 at 16 in the same time: image shape 0.82 against 0.76). Optimus learns what a caption
 # says only at a large batch (at 16 its latent carries the sentence's template, not its words),
-# with the batch softmax (at most 256 candidates: a batch of captions holds fewer distinct ids),
+# with the batch softmax (at most 256 candidates: a batch of 128 captions holds ~90 distinct ids),
 # a bag-of-words loss and the posterior mean as the latent (`objectives.optimus_loss`); text is
 # cheap, so it gets batch 128 and the largest share (1,500 steps: text position 0.99 and motion
 # 0.98, from 0.91 and 0.92 after 1,000). Its encoder keeps moving until the end of this budget,
@@ -66,8 +66,8 @@ DEMO_STAGES = {
                          part_learning_rates="autokl=3e-3,optimus=3e-3",
                          part_batch_sizes="optimus=128,autokl=8", vae_contrast_weight=10.0,
                          optimus_softmax="batch", optimus_softmax_candidates=256,
-                         optimus_bow_weight=1.0, optimus_posterior_noise=0.0, decay="constant", export_ema=False,
-                         part_decays="audioldm_vae=cosine"),
+                         optimus_bow_weight=1.0, optimus_posterior_noise=0.0, decay="constant",
+                         export_ema=False, part_decays="audioldm_vae=cosine"),
     "align_encoders": dict(steps=600, batch_size=128, align_uniformity_weight=0.3,
                            data=dict(minimal_pairs=True)),
     "diffuse_image": dict(steps=800),

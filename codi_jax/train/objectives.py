@@ -246,7 +246,7 @@ def optimus_loss(model: optimus.Optimus, params: PyTree, bert_ids: jax.Array, gp
     candidates       "batch" only: at most this many candidates (0: as many as the batch has
                      target tokens, which always holds every distinct id). The logits are
                      [B, T, candidates], so a cap near the number of distinct ids a batch really
-                     holds (~60 for the synthetic captions) halves a tiny Optimus' step. Should a
+                     holds (~90 in 128 synthetic captions) halves a tiny Optimus' step. Should a
                      batch hold more distinct ids, the smallest ones are kept and the targets left
                      out are dropped from the loss (metric `candidate_miss`: their share).
     word_dropout     probability of replacing each decoder input token after <BOS> by <PAD>
