@@ -4,8 +4,8 @@
 tfds folder) and the fixed shapes; each process reads its own slice of the one global stream
 (`codi_jax.data.pipeline`) and `place` assembles the global batch over the mesh's batch axes with
 `jax.make_array_from_process_local_data`. Text becomes fixed-length ids for the three text models
-here (CLIP 77, BERT `bert_length`, GPT-2 `gpt2_length` with <BOS>/<EOS>/<PAD>); strings and keys
-stay on the host.
+here (CLIP `clip_length`, BERT `bert_length`, GPT-2 `gpt2_length` with <BOS>/<EOS>/<PAD>);
+strings and keys stay on the host.
 """
 
 from __future__ import annotations
