@@ -80,4 +80,4 @@ def test_checks_report_their_bars():
   text = checks.format_table(table)
   assert "2 of 3 checks met" in text and "NO" in text
   with pytest.raises(ValueError, match="no quality checks"):
-    checks.run_stage_checks(None, ["diffuse_image"])
+    checks.run_stage_checks(None, ["latent_align"])

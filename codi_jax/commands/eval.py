@@ -13,10 +13,10 @@ non-zero only when the evaluation itself fails.
 
   codi-jax eval --stage_checks --ckpt CKPT [--json quality.json] [--num_examples 128]
 
-instead runs the first two training stages' quality checks (`codi_jax.quality.checks`: the
-autoencoders' round trips read by the analyzers, the normalised latents' std, the prompt
-encoders' attribute probes and cross-modal retrieval) on whichever of those parts the checkpoint
-holds, prints a table and with --json writes `{name: {"value", "bar", "met"}}`.
+instead runs the training stages' quality checks (`codi_jax.quality.checks`: the autoencoders'
+round trips read by the analyzers, the normalised latents' std, the prompt encoders' attribute
+probes and cross-modal retrieval, each diffuser's condition sensitivity) that the parts the
+checkpoint holds allow, prints a table and with --json writes `{name: {"value", "bar", "met"}}`.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ GALLERY_EXAMPLES = flags.DEFINE_integer("gallery_examples", 2,
                                         "Examples shown in the --out gallery.")
 TOKENIZERS = flags.DEFINE_string("tokenizers", None, common.TOKENIZERS_HELP)
 STAGE_CHECKS = flags.DEFINE_bool(
-    "stage_checks", False, "Run the autoencoders' and prompt encoders' quality checks instead "
-    "of the generation benchmark (--num_examples: held-out examples, at least 64).")
+    "stage_checks", False, "Run the training stages' quality checks that the checkpoint's parts "
+    "allow instead of the generation benchmark (--num_examples: held-out examples, at least 64).")
 
 
 def run_stage_checks() -> dict:
@@ -53,9 +53,7 @@ def run_stage_checks() -> dict:
   from codi_jax.train.data import load_tokenizers  # pylint: disable=import-outside-toplevel
   if not CKPT.value:
     raise ValueError("--ckpt is required")
-  present = set(checkpoint.saved_parts(CKPT.value))
-  stages = [s for s, (parts, _) in checks.STAGE_CHECKS.items()
-            if present & set(parts) and (s != "align_encoders" or set(parts) <= present)]
+  stages = checks.applicable_stages(checkpoint.saved_parts(CKPT.value))
   if not stages:
     raise ValueError(f"{CKPT.value} holds none of the parts the stage checks read "
                      f"({', '.join(p for parts, _ in checks.STAGE_CHECKS.values() for p in parts)})")

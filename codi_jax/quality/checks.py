@@ -1,4 +1,4 @@
-"""Stage quality checks: what the first two training stages produced, scored on held-out data.
+"""Stage quality checks: what each training stage produced, scored on held-out data.
 
 A stage is done when what it trained is measured good, not when its loss went down. Each check
 reads the synthetic dataset's held-out test split through the trained parts and scores the result
@@ -13,6 +13,9 @@ with the dataset's analyzers (`codi_jax.data.analyzers`) against a fixed bar:
   align_encoders  probe/<m>/<attr>   nearest class centroid on the prompt tokens of modality m
                                      (centroids from the train split, scored on test)
                   retrieval/<m>      m's token -> nearest caption token among 64, top-1
+  diffuse_<out>   condition/<out>/t<t>  `codi_jax.quality.conditioning`: the diffuser's noise
+                                     prediction with each example's own condition token against
+                                     another example's, at t = 100, 250, 500
 
 Every check is `{"value": float, "bar": float or [low, high], "met": bool}` under its name
 (`Check.as_json`); `run_stage_checks` returns them in order, `format_table` prints them.
@@ -35,6 +38,7 @@ from codi_jax.modality import Modality
 from codi_jax.models import autoencoder
 from codi_jax.train import data as train_data
 from codi_jax.train import objectives
+from codi_jax.train import stages
 
 PyTree = Any
 ROUND_TRIP_BAR = 0.95
@@ -217,12 +221,30 @@ def _autoencoder_checks(ctx: Context) -> dict[str, Check]:
   return checks
 
 
-# Stage -> (the parts its checks read, the checks).
+def _condition_checks(stage: str) -> Callable[[Context], dict[str, Check]]:
+  def run(ctx: Context) -> dict[str, Check]:
+    from codi_jax.quality import conditioning  # pylint: disable=import-outside-toplevel
+    return conditioning.checks(ctx, stage)
+  return run
+
+
+# Stage -> (the parts its checks read, the checks). The autoencoders' checks skip the parts a
+# model does not hold; the other stages' need all of theirs.
 STAGE_CHECKS: dict[str, tuple[tuple[str, ...], Callable[[Context], dict[str, Check]]]] = {
     "autoencoders": (("autokl", "audioldm_vae", "hifigan_vocoder", "optimus"),
                      _autoencoder_checks),
     "align_encoders": (("clip", "clap"), encoder_checks),
+    **{name: (stages.diffusion_stage(name).parts, _condition_checks(name))
+       for name in stages.DIFFUSION_STAGES},
 }
+
+
+def applicable_stages(present: Sequence[str]) -> list[str]:
+  """The stages whose checks a model holding the parts `present` can run: the autoencoders' if
+  it holds any of their parts, every other stage's if it holds all of its parts."""
+  present = set(present)
+  return [s for s, (parts, _) in STAGE_CHECKS.items()
+          if (present & set(parts) if s == "autoencoders" else set(parts) <= present)]
 
 
 def run_stage_checks(ctx: Context, stages: Sequence[str]) -> dict[str, Check]:

@@ -263,7 +263,19 @@ def _branches_of(modalities) -> frozenset[str]:
   return frozenset(m.branch for m in modalities)
 
 
-def _diffuse(name: str, out: Modality, condition: Modality, description: str) -> Stage:
+# The diffusion stages: the output each trains and the condition it learns to follow.
+DIFFUSION_STAGES: dict[str, tuple[Modality, Modality, str]] = {
+    "diffuse_image": (Modality.IMAGE, Modality.TEXT, "image diffuser, text-conditioned"),
+    "diffuse_video": (Modality.VIDEO, Modality.TEXT,
+                      "temporal layers of the image diffuser, on text-conditioned video"),
+    "diffuse_audio": (Modality.AUDIO, Modality.TEXT, "audio diffuser, text-conditioned"),
+    "diffuse_text": (Modality.TEXT, Modality.IMAGE, "text diffuser, image-conditioned"),
+}
+
+
+def diffusion_stage(name: str) -> Stage:
+  """The diffusion stage `name` (a key of `DIFFUSION_STAGES`)."""
+  out, condition, description = DIFFUSION_STAGES[name]
   branch = out.branch
   if out is Modality.VIDEO:
     trainable = lambda part, path: (part == "diffusers" and is_temporal(path)
@@ -303,15 +315,8 @@ def _stage(config: ml_collections.ConfigDict) -> Stage:
                                      Modality.AUDIO), _ALL)
     return Stage(name, ("clip", "clap"), trainable, (phase,), _align_loss,
                  "contrastive alignment of CLIP vision (image, video) and CLAP to CLIP text")
-  if name == "diffuse_image":
-    return _diffuse(name, Modality.IMAGE, Modality.TEXT, "image diffuser, text-conditioned")
-  if name == "diffuse_video":
-    return _diffuse(name, Modality.VIDEO, Modality.TEXT,
-                    "temporal layers of the image diffuser, on text-conditioned video")
-  if name == "diffuse_audio":
-    return _diffuse(name, Modality.AUDIO, Modality.TEXT, "audio diffuser, text-conditioned")
-  if name == "diffuse_text":
-    return _diffuse(name, Modality.TEXT, Modality.IMAGE, "text diffuser, image-conditioned")
+  if name in DIFFUSION_STAGES:
+    return diffusion_stage(name)
   if name == "latent_align":
     phases = []
     for pair, share in _latent_align_pairs(config).items():

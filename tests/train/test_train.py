@@ -202,6 +202,7 @@ def _command(workdir, init_from, steps=6, extra=()):
           "--config.train.batch_size=4", "--config.train.log_every=1",
           "--config.train.checkpoint_every=3", "--config.train.async_checkpoints=false",
           "--config.train.sample_every=0",  # sampling has its own tests (test_samples)
+          "--config.train.quality_examples=0",  # so have the stage checks (tests/quality)
           f"--workdir={workdir}", *extra]
 
 
