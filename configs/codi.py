@@ -227,6 +227,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       part_decays="",  # e.g. "audioldm_vae=cosine": per part, overriding `decay`
       ema_decay=0.999, export_ema=True,
       cond_dropout=0.1,  # guidance dropout of the condition token
+      # Diffusion stages: the modalities whose tokens condition the rows, one per row ("" = the
+      # stage's own: text for image, video and audio, image for text, as CoDi trains; e.g.
+      # "text,image" also teaches the diffuser the image tokens it is asked from).
+      diffusion_conditions="",
       kl_weight=1e-6,
       # Both VAEs: decode a posterior sample (LDM) or the mode, plus a squared-error term beside
       # L1 (objectives.vae_loss says why the tiny preset, trained for minutes, uses both).

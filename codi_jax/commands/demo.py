@@ -64,8 +64,12 @@ TOKENIZERS = flags.DEFINE_string("tokenizers", None, common.TOKENIZERS_HELP)
 # then gains 0.07-0.10; at batch 32 and learning rate 3e-3 for 1,200 steps it gains 0.46-0.77,
 # and text -> image reads colour 0.96, shape 0.71, size 0.96, position 0.96 (48 examples).
 # The text diffuser is cheap per step and needs many examples: after 600 steps at batch 8 every
-# `* -> text` output was the same caption; 4,000 steps at batch 128 gain 0.44-0.84, and
-# image -> text reads colour 0.90, shape 0.94, size 0.83, position 0.94 (6-8 % unreadable).
+# `* -> text` output was the same caption; 4,000 steps at batch 128 gain 0.44-0.84. Learning from
+# image tokens alone (CoDi's pairing), text -> text read 0.27-0.77; with each row conditioned on
+# its image's or its caption's token (`diffusion_conditions`) text -> text reads 0.83-0.96 and
+# image -> text 0.85-0.92 (motion 0.40; 4-10 % unreadable). The image diffuser keeps text alone:
+# text + image tokens lifted image -> image shape (0.58 -> 0.73) but cost text -> image colour
+# (0.96 -> 0.73) in the same steps.
 # A stage's `data` entry updates `config.data`.
 DEMO_STAGES = {
     "autoencoders": dict(steps=2900, batch_size=16,
@@ -80,7 +84,8 @@ DEMO_STAGES = {
     "diffuse_image": dict(steps=1200, batch_size=32, learning_rate=3e-3),
     "diffuse_video": dict(steps=100),
     "diffuse_audio": dict(steps=300),
-    "diffuse_text": dict(steps=4000, batch_size=128, learning_rate=3e-3),
+    "diffuse_text": dict(steps=4000, batch_size=128, learning_rate=3e-3,
+                         diffusion_conditions="image,text"),
     "latent_align": dict(steps=90),
 }
 

@@ -351,14 +351,20 @@ def drop_conditions(token: jax.Array, null: jax.Array, keys: jax.Array, rate: fl
   return jnp.where(drop[:, None], null[None], token)
 
 
-def choose_conditions(tokens: list[jax.Array], null: jax.Array, keys: jax.Array,
+def choose_conditions(tokens: list[jax.Array], nulls: list[jax.Array], keys: jax.Array,
                       null_rate: float) -> jax.Array:
-  """Per row: the null token with probability null_rate, else one of `tokens` uniformly."""
+  """Per row: one of `tokens` [B, D] uniformly, or with probability null_rate one of `nulls`
+  [D] (one per token) uniformly."""
+  if len(nulls) != len(tokens):
+    raise ValueError(f"choose_conditions: {len(tokens)} tokens but {len(nulls)} null tokens")
+  n = len(tokens)
   u = _uniform(_stream(keys, _CHOICE))
-  which = jnp.minimum((u - null_rate) / (1.0 - null_rate) * len(tokens), len(tokens) - 1)
-  out = null[None] * jnp.ones_like(tokens[0])
-  for i, tok in enumerate(tokens):
-    out = jnp.where(((u >= null_rate) & (jnp.floor(which) == i))[:, None], tok, out)
+  which = jnp.floor(jnp.minimum((u - null_rate) / (1.0 - null_rate) * n, n - 1))
+  which_null = jnp.floor(jnp.minimum(u / max(null_rate, 1e-12) * n, n - 1))
+  out = jnp.zeros_like(tokens[0])
+  for i, (tok, null) in enumerate(zip(tokens, nulls)):
+    out = jnp.where(((u >= null_rate) & (which == i))[:, None], tok, out)
+    out = jnp.where(((u < null_rate) & (which_null == i))[:, None], null[None], out)
   return out
 
 

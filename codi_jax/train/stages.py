@@ -78,6 +78,8 @@ class Phase:
   # The condition (diffusion stages) or pair (latent alignment).
   outputs: tuple[Modality, ...] = ()
   condition: Modality | None = None
+  # Diffusion stages: the modalities whose tokens condition the rows (one per row, uniformly).
+  conditions: tuple[Modality, ...] = ()
   share: int = 1  # the phase's share of the stage's steps
   # The one part this phase trains, if so: its learning rate then warms up and decays over the
   # phase's steps, not the stage's.
@@ -190,18 +192,22 @@ def _align_loss(phase: Phase, models: obj.Models, params, batch, keys, config):
   return total, metrics
 
 
-def _context(models, params, batch, keys, config, condition: Modality) -> jax.Array:
-  """[B, 1, D] condition tokens with guidance dropout."""
-  tok = obj.condition_token(models, params, batch, condition)
-  null = obj.null_token(models, params, batch, condition)
-  return obj.drop_conditions(tok, null, keys, config.train.cond_dropout)[:, None]
+def _context(models, params, batch, keys, config, conditions: tuple[Modality, ...]
+             ) -> jax.Array:
+  """[B, 1, D] condition tokens with guidance dropout: per row, the token of one of
+  `conditions` (uniformly), or that modality's null token."""
+  tokens = [obj.condition_token(models, params, batch, m) for m in conditions]
+  nulls = [obj.null_token(models, params, batch, m) for m in conditions]
+  if len(conditions) == 1:
+    return obj.drop_conditions(tokens[0], nulls[0], keys, config.train.cond_dropout)[:, None]
+  return obj.choose_conditions(tokens, nulls, keys, config.train.cond_dropout)[:, None]
 
 
 def _diffuse_loss(phase: Phase, models: obj.Models, params, batch, keys, config):
   out = phase.outputs[0]
   frozen = jax.lax.stop_gradient
   x0 = frozen(obj.latent(models, params, batch, out))
-  context = frozen(_context(models, params, batch, keys, config, phase.condition))
+  context = frozen(_context(models, params, batch, keys, config, phase.conditions))
   loss, _ = obj.diffusion_loss(models, params["diffusers"], {out: x0}, context, keys,
                                ScheduleConfig(**config.diffusion))
   return loss, {f"{out.value}_mse": loss}
@@ -212,7 +218,8 @@ def _latent_align_loss(phase: Phase, models: obj.Models, params, batch, keys, co
   x0 = {m: frozen(obj.latent(models, params, batch, m)) for m in phase.outputs}
   tokens = [frozen(obj.condition_token(models, params, batch, m)) for m in phase.outputs]
   null = frozen(obj.null_token(models, params, batch, Modality.TEXT))
-  context = obj.choose_conditions(tokens, null, keys, config.train.cond_dropout)[:, None]
+  context = obj.choose_conditions(tokens, [null] * len(tokens), keys,
+                                  config.train.cond_dropout)[:, None]
   schedule = ScheduleConfig(**config.diffusion)
   loss, per = obj.diffusion_loss(models, params["diffusers"], x0, context, keys,
                                  schedule)
@@ -259,6 +266,20 @@ def _latent_align_pairs(config: ml_collections.ConfigDict) -> dict[str, int]:
   return _shares(config, "latent_align_pairs", PAIRS)
 
 
+def _diffusion_conditions(config: ml_collections.ConfigDict) -> tuple[Modality, ...]:
+  """`config.train.diffusion_conditions` ("text,image", ...; "" for the stage's own)."""
+  names = [n.strip() for n in str(config.train.diffusion_conditions).split(",") if n.strip()]
+  try:
+    conditions = tuple(Modality(n) for n in names)
+  except ValueError:
+    raise ValueError(f"config.train.diffusion_conditions {config.train.diffusion_conditions!r}: "
+                     f"name modalities among {[m.value for m in Modality]}") from None
+  if len(set(conditions)) != len(conditions):
+    raise ValueError(f"config.train.diffusion_conditions {config.train.diffusion_conditions!r} "
+                     "names a modality twice")
+  return conditions
+
+
 def _branches_of(modalities) -> frozenset[str]:
   return frozenset(m.branch for m in modalities)
 
@@ -273,9 +294,14 @@ DIFFUSION_STAGES: dict[str, tuple[Modality, Modality, str]] = {
 }
 
 
-def diffusion_stage(name: str) -> Stage:
-  """The diffusion stage `name` (a key of `DIFFUSION_STAGES`)."""
+def diffusion_stage(name: str, conditions: tuple[Modality, ...] = ()) -> Stage:
+  """The diffusion stage `name` (a key of `DIFFUSION_STAGES`), its rows conditioned on the
+  tokens of `conditions` (default: the stage's own condition alone, as CoDi trains)."""
   out, condition, description = DIFFUSION_STAGES[name]
+  conditions = conditions or (condition,)
+  if condition not in conditions:
+    raise ValueError(f"stage {name} learns from {condition.value} tokens; its conditions "
+                     f"{[m.value for m in conditions]} must include them")
   branch = out.branch
   if out is Modality.VIDEO:
     trainable = lambda part, path: (part == "diffusers" and is_temporal(path)
@@ -285,9 +311,10 @@ def diffusion_stage(name: str) -> Stage:
                                     and not is_connector(path) and not is_temporal(path))
   encoder = "autokl" if out in (Modality.IMAGE, Modality.VIDEO) else (
       "audioldm_vae" if out is Modality.AUDIO else "optimus")
-  prompt = "clap" if condition is Modality.AUDIO else "clip"
-  phase = Phase(name, (out, condition), _ALL, outputs=(out,), condition=condition)
-  return Stage(name, ("diffusers", encoder, prompt), trainable, (phase,), _diffuse_loss,
+  prompts = tuple(dict.fromkeys("clap" if m is Modality.AUDIO else "clip" for m in conditions))
+  phase = Phase(name, tuple(dict.fromkeys((out,) + conditions)), _ALL, outputs=(out,),
+                condition=condition, conditions=conditions)
+  return Stage(name, ("diffusers", encoder) + prompts, trainable, (phase,), _diffuse_loss,
                description)
 
 
@@ -316,7 +343,7 @@ def _stage(config: ml_collections.ConfigDict) -> Stage:
     return Stage(name, ("clip", "clap"), trainable, (phase,), _align_loss,
                  "contrastive alignment of CLIP vision (image, video) and CLAP to CLIP text")
   if name in DIFFUSION_STAGES:
-    return diffusion_stage(name)
+    return diffusion_stage(name, _diffusion_conditions(config))
   if name == "latent_align":
     phases = []
     for pair, share in _latent_align_pairs(config).items():

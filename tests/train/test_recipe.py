@@ -280,3 +280,41 @@ def test_a_shorter_clip_length_gives_the_same_text_token():
   full = encode(tokenizer.encode_batch(texts))
   assert config.data.clip_length < 77
   np.testing.assert_allclose(short, full, atol=1e-6)
+
+
+def test_diffusion_stages_can_learn_from_the_tokens_of_several_modalities():
+  config = get_config("tiny")
+  config.stage = "diffuse_image"
+  own = stages.get_stage(config)
+  assert own.phases[0].conditions == (stages.Modality.TEXT,) and own.parts == (
+      "diffusers", "autokl", "clip")
+  config.train.diffusion_conditions = "text,image,audio"
+  mixed = stages.get_stage(config)
+  assert mixed.phases[0].conditions == tuple(
+      stages.Modality(m) for m in ("text", "image", "audio"))
+  assert mixed.parts == ("diffusers", "autokl", "clip", "clap")
+  assert mixed.phases[0].modalities == tuple(
+      stages.Modality(m) for m in ("image", "text", "audio"))
+  for bad, match in (("image", "must include them"), ("text,text", "twice"),
+                     ("text,smell", "name modalities")):
+    config.train.diffusion_conditions = bad
+    with pytest.raises(ValueError, match=match):
+      stages.get_stage(config)
+
+
+def test_choose_conditions_picks_one_token_or_its_modalitys_null_per_row():
+  from codi_jax.train import objectives
+  batch = 4000
+  tokens = [jnp.full((batch, 2), float(i + 1)) for i in range(3)]
+  nulls = [jnp.full((2,), -float(i + 1)) for i in range(3)]
+  keys = jax.random.split(jax.random.PRNGKey(0), batch)
+  out = np.asarray(objectives.choose_conditions(tokens, nulls, keys, 0.1))[:, 0]
+  values, counts = np.unique(out, return_counts=True)
+  assert list(values) == [-3, -2, -1, 1, 2, 3]  # every token and every null, nothing else
+  share = dict(zip(values, counts / batch))
+  for v in (1, 2, 3):
+    assert abs(share[v] - 0.3) < 0.03
+  for v in (-1, -2, -3):
+    assert abs(share[v] - 0.1 / 3) < 0.015
+  with pytest.raises(ValueError, match="null tokens"):
+    objectives.choose_conditions(tokens, nulls[:1], keys, 0.1)
