@@ -13,6 +13,10 @@ All inputs of a request come from one example, so every output is scored against
 ground truth (`Attributes.as_dict`, all eight attributes). The summary sets each attribute's
 accuracy (mean over the single pairs that score it) against fixed accuracy bars: colour and
 pitch >= 0.9, every other attribute >= 0.7, and mean joint agreement with `others` above `self`.
+An output the analyzers cannot read counts as wrong; each single pair and the summary also give
+the share unreadable and the accuracy among the readable ones (so "silent" and "wrong" differ),
+and per output modality the share of outputs with an unreadable attribute (bar <= 0.02) and the
+accuracy from every input.
 
 Generation is one injectable step (`Generate`: requests -> outputs), so the scoring can be checked
 with stand-in generators. `PipelineGenerator` is the real one: requests are grouped by compiled
@@ -52,6 +56,7 @@ ATTRIBUTES = tuple(syn.ATTRIBUTE_VALUES)  # the table columns, visual ones first
 # The accuracy bars of the single pairs (what a trained model must reach); do not lower them.
 BARS = {"colour": 0.9, "pitch": 0.9}
 DEFAULT_BAR = 0.7
+UNREADABLE_BAR = 0.02  # at most this share of an output modality's outputs unreadable
 NONE = "none"  # the joint column whose outputs were generated alone
 
 
@@ -182,6 +187,24 @@ def _accuracy(analyses: Sequence[dict[str, str]], truths: Sequence[syn.Attribute
   return {n: float(np.mean([h[n] for h in hits])) for n in names}
 
 
+def _readability(analyses: Sequence[dict[str, str]], truths: Sequence[syn.Attributes],
+                 names: Sequence[str]) -> dict[str, dict[str, float | None]]:
+  """Per attribute: the share of outputs the analyzer could not read, and the accuracy among
+  the ones it could (None if it read none): an unreadable output counts as wrong in
+  `accuracy`, so these tell "silent" from "wrong"."""
+  unread = {n: [a.get(n, analyzers.UNKNOWN) == analyzers.UNKNOWN for a in analyses]
+            for n in names}
+  hits = [analyzers.attribute_accuracy(a, t, names) for a, t in zip(analyses, truths)]
+  readable = {}
+  for n in names:
+    read = [h[n] for h, u in zip(hits, unread[n]) if not u]
+    readable[n] = float(np.mean(read)) if read else None
+  return dict(unreadable={n: float(np.mean(u)) for n, u in unread.items()},
+              readable_accuracy=readable,
+              unreadable_outputs=float(np.mean([any(u[i] for u in unread.values())
+                                                for i in range(len(analyses))])))
+
+
 def _agreement(pairs: Sequence[tuple[dict[str, str], dict[str, str]]]) -> dict[str, float]:
   agree = [analyzers.agreement(a, b) for a, b in pairs]
   return {n: float(np.mean([g[n] for g in agree])) for n in agree[0]}
@@ -199,7 +222,9 @@ def score(examples: Sequence[syn.SyntheticExample], analyses: Analyses) -> dict[
   for task in SINGLE:
     (o,) = task.outputs
     names = scored_attributes(task.inputs, o)
-    single[task.key] = dict(_io(task), accuracy=_accuracy(outputs_of(task.key, o), truths, names))
+    outputs = outputs_of(task.key, o)
+    single[task.key] = dict(_io(task), accuracy=_accuracy(outputs, truths, names),
+                            **_readability(outputs, truths, names))
   multi = {}
   for task in MULTI:
     (o,) = task.outputs
@@ -231,19 +256,34 @@ def score(examples: Sequence[syn.SyntheticExample], analyses: Analyses) -> dict[
 def _summary(single: Mapping[str, Any], joint: Mapping[str, Any]) -> dict[str, Any]:
   attributes = {}
   for name in ATTRIBUTES:
-    per_pair = {k: e["accuracy"][name] for k, e in single.items() if name in e["accuracy"]}
+    scoring = {k: e for k, e in single.items() if name in e["accuracy"]}
+    per_pair = {k: e["accuracy"][name] for k, e in scoring.items()}
     accuracy = float(np.mean(list(per_pair.values())))
     bar = BARS.get(name, DEFAULT_BAR)
     worst = min(per_pair, key=per_pair.get)
-    attributes[name] = dict(accuracy=accuracy, chance=analyzers.CHANCE[name], bar=bar,
-                            met=accuracy >= bar, gap=accuracy - bar, pairs=len(per_pair),
-                            worst_pair=worst, worst_accuracy=per_pair[worst])
+    readable = [e["readable_accuracy"][name] for e in scoring.values()
+                if e["readable_accuracy"][name] is not None]
+    attributes[name] = dict(
+        accuracy=accuracy, chance=analyzers.CHANCE[name], bar=bar, met=accuracy >= bar,
+        gap=accuracy - bar, pairs=len(per_pair), worst_pair=worst,
+        worst_accuracy=per_pair[worst],
+        unreadable=float(np.mean([e["unreadable"][name] for e in scoring.values()])),
+        readable_accuracy=float(np.mean(readable)) if readable else None)
+  outputs = {}
+  for m in MODALITIES:
+    into = [e for e in single.values() if e["outputs"] == [m.value]]
+    unreadable = float(np.mean([e["unreadable_outputs"] for e in into]))
+    outputs[m.value] = dict(
+        unreadable=unreadable, unreadable_bar=UNREADABLE_BAR, met=unreadable <= UNREADABLE_BAR,
+        accuracy={n: float(np.mean([e["accuracy"][n] for e in into if n in e["accuracy"]]))
+                  for n in analyzers.ATTRIBUTES_BY_MODALITY[m]})
   mean = {col: float(np.mean([e["alignments"][col]["mean_agreement"] for e in joint.values()]))
           for col in (Alignment.OTHERS.value, Alignment.SELF.value, NONE)}
   gap = mean[Alignment.OTHERS.value] - mean[Alignment.SELF.value]
   agreement = dict(mean, met=gap > 0, gap=gap)
-  return dict(attributes=attributes, joint_agreement=agreement,
-              all_met=all(a["met"] for a in attributes.values()) and agreement["met"])
+  return dict(attributes=attributes, outputs=outputs, joint_agreement=agreement,
+              all_met=(all(a["met"] for a in attributes.values()) and agreement["met"]
+                       and all(o["met"] for o in outputs.values())))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,12 +456,24 @@ def format_report(result: Mapping[str, Any]) -> str:
       lines += [f"{'  ' + col + ' ' + m:<{w}}" + _cells(acc) for m, acc in c["accuracy"].items()]
     lines.append("  mean agreement: " + ", ".join(
         f"{col} {c['mean_agreement']:.2f}" for col, c in e["alignments"].items()))
-  lines += ["", "Summary: accuracy = mean over the single pairs scoring the attribute; bar = the "
-            "accuracy required", f"{'attribute':<10}{'accuracy':>9}{'chance':>8}{'bar':>6}  status"]
+  lines += ["", "4. Single pairs: share of outputs the analyzers could not read (counted wrong "
+            "above)", _header("pair", w)]
+  lines += [f"{k:<{w}}" + _cells(e["unreadable"]) for k, e in result["single"].items()]
+  lines += ["", "Summary: accuracy = mean over the single pairs scoring the attribute; unread = "
+            "the share unreadable; readable = accuracy among the readable; bar = the accuracy "
+            "required",
+            f"{'attribute':<10}{'accuracy':>9}{'unread':>8}{'readable':>9}{'chance':>8}{'bar':>6}"
+            "  status"]
   for name, a in result["summary"]["attributes"].items():
     status = "met" if a["met"] else "NOT met"
-    lines.append(f"{name:<10}{a['accuracy']:>9.2f}{a['chance']:>8.2f}{a['bar']:>6.2f}  "
-                 f"{status} ({a['gap']:+.2f}; worst {a['worst_pair']} {a['worst_accuracy']:.2f})")
+    readable = "-" if a["readable_accuracy"] is None else f"{a['readable_accuracy']:.2f}"
+    lines.append(f"{name:<10}{a['accuracy']:>9.2f}{a['unreadable']:>8.2f}{readable:>9}"
+                 f"{a['chance']:>8.2f}{a['bar']:>6.2f}  {status} ({a['gap']:+.2f}; worst "
+                 f"{a['worst_pair']} {a['worst_accuracy']:.2f})")
+  for m, o in result["summary"]["outputs"].items():
+    accuracy = ", ".join(f"{n} {v:.2f}" for n, v in o["accuracy"].items())
+    lines.append(f"{m} outputs: {o['unreadable']:.2f} unreadable (bar <= {o['unreadable_bar']:.2f}"
+                 f": {'met' if o['met'] else 'NOT met'}); accuracy from every input: {accuracy}")
   j = result["summary"]["joint_agreement"]
   lines.append(f"joint agreement: others {j['others']:.2f} vs self {j['self']:.2f} (none "
                f"{j['none']:.2f}): {'met' if j['met'] else 'NOT met'} ({j['gap']:+.2f}; bar: "

@@ -129,11 +129,15 @@ def test_perfect_generator_scores_one(perfect):
     assert (a["accuracy"], a["bar"], a["met"]) == (1.0, bar, True)
     assert a["gap"] == pytest.approx(1.0 - bar)
     assert a["chance"] == pytest.approx(1 / len(syn.ATTRIBUTE_VALUES[name]))
+    assert (a["unreadable"], a["readable_accuracy"]) == (0.0, 1.0)
+  assert {m: (o["unreadable"], o["met"]) for m, o in summary["outputs"].items()} == {
+      m.value: (0.0, True) for m in ev.MODALITIES}
+  assert all(v == 1.0 for o in summary["outputs"].values() for v in o["accuracy"].values())
   # Equal agreement is not "others above self".
   assert summary["joint_agreement"] == dict(others=1.0, self=1.0, none=1.0, met=False, gap=0.0)
   assert not summary["all_met"]
   report = ev.format_report(result)
-  assert "colour         1.00    0.17  0.90  met (+0.10" in report
+  assert "colour         1.00    0.00     1.00    0.17  0.90  met (+0.10" in report
   assert "joint agreement: others 1.00 vs self 1.00 (none 1.00): NOT met (+0.00" in report
   json.dumps(result)  # JSON-able as it is
 
@@ -179,6 +183,13 @@ def test_wrong_generators_score_zero():
   assert all(v == 0.0 for _, _, v in _agreements(result))
   assert result["analyses"]["image->text"][0]["text"] == dict.fromkeys(
       analyzers.ATTRIBUTES_BY_MODALITY[T], analyzers.UNKNOWN)
+  # Silent, not wrong: every text output unreadable, none readable to score.
+  text = result["single"]["image->text"]
+  assert set(text["unreadable"].values()) == {1.0} and text["unreadable_outputs"] == 1.0
+  assert set(text["readable_accuracy"].values()) == {None}
+  outputs = result["summary"]["outputs"]
+  assert outputs["text"]["unreadable"] == 1.0 and not outputs["text"]["met"]
+  assert "text outputs: 1.00 unreadable (bar <= 0.02: NOT met)" in ev.format_report(result)
 
 
 def test_pipeline_generator_batches_like_generate(tmp_path):
