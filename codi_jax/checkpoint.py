@@ -241,14 +241,14 @@ def load_model(directory: str | os.PathLike, parts: Sequence[str] | None = None
   return config, out
 
 
-def _drain_failed_reads(quiet_s: float = 0.5, limit_s: float = 30.0) -> None:
+def _drain_failed_reads(quiet_s: float = 2.0, limit_s: float = 30.0) -> None:
   """Waits out the reads still in flight after a failed restore, with `sys.stderr` held.
 
   orbax runs a restore on an event loop it closes when the first read fails; the part's other
   reads then finish on tensorstore's threads and each reports "RuntimeError: Event loop is
   closed", with a traceback, on `sys.stderr` (hundreds for a large part), burying the one line
   that says what is wrong. They come within milliseconds to seconds; this returns once none has
-  come for `quiet_s` (at most `limit_s`). A checkpoint is read before anything else runs, so
+  come for `quiet_s` (at most `limit_s`; 0.5 s let a late one through on a loaded 2-core CI run). A checkpoint is read before anything else runs, so
   nothing else is writing to stderr meanwhile."""
   held, real = io.StringIO(), sys.stderr
   sys.stderr = held
