@@ -248,8 +248,9 @@ def _drain_failed_reads(quiet_s: float = 2.0, limit_s: float = 30.0) -> None:
   reads then finish on tensorstore's threads and each reports "RuntimeError: Event loop is
   closed", with a traceback, on `sys.stderr` (hundreds for a large part), burying the one line
   that says what is wrong. They come within milliseconds to seconds; this returns once none has
-  come for `quiet_s` (at most `limit_s`; 0.5 s let a late one through on a loaded 2-core CI run). A checkpoint is read before anything else runs, so
-  nothing else is writing to stderr meanwhile."""
+  come for `quiet_s` (at most `limit_s`; 0.5 s let a late one through on a loaded 2-core CI
+  run). A checkpoint is read before anything else runs, so nothing else is writing to stderr
+  meanwhile."""
   held, real = io.StringIO(), sys.stderr
   sys.stderr = held
   try:

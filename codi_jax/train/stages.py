@@ -75,10 +75,10 @@ class Phase:
   name: str
   modalities: tuple[Modality, ...]  # what the batch holds
   updates: Selector  # which trainable leaves this phase moves
-  # The condition (diffusion stages) or pair (latent alignment).
+  # The output (diffusion stages) or pair (latent alignment).
   outputs: tuple[Modality, ...] = ()
-  condition: Modality | None = None
-  # Diffusion stages: the modalities whose tokens condition the rows (one per row, uniformly).
+  # Diffusion stages: the modalities whose tokens condition the rows (one per row, uniformly),
+  # the stage's own condition first.
   conditions: tuple[Modality, ...] = ()
   share: int = 1  # the phase's share of the stage's steps
   # The one part this phase trains, if so: its learning rate then warms up and decays over the
@@ -86,6 +86,11 @@ class Phase:
   part: str | None = None
   # The phase's global batch, if not `config.train.batch_size` (`config.train.part_batch_sizes`).
   batch_size: int | None = None
+
+  @property
+  def condition(self) -> Modality | None:
+    """A diffusion stage's own condition (what its samples and its check condition on)."""
+    return self.conditions[0] if self.conditions else None
 
   def batch(self, config: ml_collections.ConfigDict) -> int:
     """The phase's global batch size."""
@@ -298,10 +303,10 @@ def diffusion_stage(name: str, conditions: tuple[Modality, ...] = ()) -> Stage:
   """The diffusion stage `name` (a key of `DIFFUSION_STAGES`), its rows conditioned on the
   tokens of `conditions` (default: the stage's own condition alone, as CoDi trains)."""
   out, condition, description = DIFFUSION_STAGES[name]
-  conditions = conditions or (condition,)
-  if condition not in conditions:
+  if conditions and condition not in conditions:
     raise ValueError(f"stage {name} learns from {condition.value} tokens; its conditions "
                      f"{[m.value for m in conditions]} must include them")
+  conditions = (condition,) + tuple(m for m in conditions if m is not condition)
   branch = out.branch
   if out is Modality.VIDEO:
     trainable = lambda part, path: (part == "diffusers" and is_temporal(path)
@@ -313,7 +318,7 @@ def diffusion_stage(name: str, conditions: tuple[Modality, ...] = ()) -> Stage:
       "audioldm_vae" if out is Modality.AUDIO else "optimus")
   prompts = tuple(dict.fromkeys("clap" if m is Modality.AUDIO else "clip" for m in conditions))
   phase = Phase(name, tuple(dict.fromkeys((out,) + conditions)), _ALL, outputs=(out,),
-                condition=condition, conditions=conditions)
+                conditions=conditions)
   return Stage(name, ("diffusers", encoder) + prompts, trainable, (phase,), _diffuse_loss,
                description)
 
