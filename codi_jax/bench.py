@@ -198,7 +198,7 @@ def bench_train(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: i
   state = trainer.create_state(trainable)
   del trainable  # the state holds the trainable leaves now
   tokenizers = train_data.load_tokenizers(config.data.tokenizers)
-  null_ids = train_data.null_clip_ids(tokenizers)
+  nulls = train_data.null_inputs(config, tokenizers)
   iterator = iter(train_data.build(config, phase.modalities, seed=config.seed,
                                    batch_size=batch_size))
   host = train_data.arrays(next(iterator), tokenizers, config)
@@ -207,7 +207,7 @@ def bench_train(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: i
   setup_s = time.perf_counter() - start
 
   start = time.perf_counter()
-  jitted = trainer.jitted_step(0, state.params, frozen, null_ids)
+  jitted = trainer.jitted_step(0, state.params, frozen, nulls)
   compiled = jitted.lower(state, frozen, batch).compile()
   compile_s = time.perf_counter() - start
   flops = cost_flops(compiled)

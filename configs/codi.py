@@ -275,6 +275,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       source="synthetic",  # synthetic | records | tfds
       records="",  # record shards (files, folders, globs; comma-separated) for `records`
       tfds_dir="",  # a prepared tfds dataset folder for `tfds`
+      # `codi-jax cache` folders (comma-separated) of the training examples: stages whose
+      # encoders are frozen (diffusers, latent alignment) then read the encoders' latents and
+      # tokens from there instead of running them each step; "" runs them.
+      cache="",
       image_size=t["image_size"], num_frames=p["num_frames"], audio_samples=t["audio_samples"],
       # Training's CLIP token length (CLIP's context is 77). The text tower is causal and reads
       # its output at the first end-of-text, so a caption that fits gives the same token at any

@@ -33,13 +33,19 @@ def test_stages_run_in_order_each_from_the_ones_before_and_finished_ones_are_reu
 
   def fake_train(config, workdir):
     calls.append((config.stage, config.train.steps, config.init_from))
-    data_settings.append((config.stage, config.data.minimal_pairs))
+    data_settings.append((config.stage, config.data.minimal_pairs, config.data.cache))
     (pathlib.Path(workdir) / MODEL_DIR).mkdir(parents=True)
     return Summary(config.stage, 0, config.train.steps, "init_from", 0.5, 1.0,
                    str(pathlib.Path(workdir) / MODEL_DIR), False)
 
   import codi_jax.train.loop as loop
   monkeypatch.setattr(loop, "train", fake_train)
+  cache_calls = []
+
+  def fake_cache(config, models, out):
+    cache_calls.append([pathlib.Path(m).parent.name for m in models])
+    return out
+  monkeypatch.setattr(demo, "cache_training_split", fake_cache)
   config = get_config("tiny")
   steps = demo.stage_steps(["diffuse_text=5"])
   # A run that already finished the first stage (e.g. stopped and started again).
@@ -57,8 +63,12 @@ def test_stages_run_in_order_each_from_the_ones_before_and_finished_ones_are_reu
       "steps"] == 5
   assert config.stage == "diffuse_image"  # the caller's config is untouched
   align = [c for c in data_settings if c[0] == "align_encoders"]
-  assert align == [("align_encoders", True)]  # a stage's `data` entry reaches config.data
+  assert align == [("align_encoders", True, "")]  # a stage's `data` entry reaches config.data
   assert {c[1] for c in data_settings if c[0] != "align_encoders"} == {False}
+  # The encoders' outputs are cached once, from the two encoder stages, for every later stage.
+  assert cache_calls == [["autoencoders", "align_encoders"]]
+  assert {c[2] for c in data_settings if c[0] in stages.FROZEN_ENCODER_STAGES} == {
+      str(tmp_path / demo.CACHE_DIR)}
 
 
 def test_demo_reuses_finished_stages_and_writes_gallery_and_report(tmp_path):

@@ -5,7 +5,7 @@
   codi-jax cache --source records --records 'data/laion/*.array_record' --out outputs/cache/laion
       --latent sample --store_dtype float16 --shard_size 1024
 
-Reads the synthetic dataset (generated at the config's image size and frame count) or our record
+Reads the synthetic dataset (the examples a training run of --config reads) or our record
 shards, and writes ArrayRecord shards of per-example features (`codi_jax.data.cache`: image/video/
 audio/text latents, CLIP/CLAP condition tokens, caption) plus `cache_spec.json` and
 `summary-<process>-of-<count>.json` (counts, failures per reason, seconds). Sizes follow the
@@ -13,9 +13,11 @@ config (`config.sample` latent sizes); every flag below overrides one setting. A
 same --out skips finished shards; run it in several processes (CODI_COORDINATOR, or
 --process_index/--process_count) to split the shards between them.
 
-Encoder weights: the image/audio VAEs, Optimus, CLIP and CLAP parts of the checkpoint --ckpt
-(`codi-jax convert` output; `checkpoint.load_model` + `cache.load_encoder_params`, checked against
---config). Without --ckpt they are random (seed --seed) and a warning says the cache is for
+Encoder weights: the image/audio VAEs, Optimus, CLIP and CLAP parts of the checkpoints --ckpt
+(`codi-jax convert` or training output, e.g. the autoencoders' and align_encoders' models;
+`cache.load_encoder_params`, checked against --config), with their latent normalisation. A
+training run reads the cache with --config.data.cache=DIR, for its diffusion and latent-alignment
+stages (it refuses a cache made with other weights, sizes or normalisation). Without --ckpt they are random (seed --seed) and a warning says the cache is for
 testing only. Tokenizer vocabularies come from --tokenizers (default $CODI_TOKENIZERS, else
 the ones bundled with codi-jax).
 """
@@ -27,11 +29,12 @@ import json
 import pathlib
 
 import jax
-from absl import flags, logging
+from absl import flags
 
 from codi_jax.commands import common
 from codi_jax.data import cache, records, synthetic
 from codi_jax.io_utils import atomic_write_json
+from codi_jax.train import data as train_data
 
 
 SPLIT = flags.DEFINE_enum("split", "train", list(synthetic.SPLITS),
@@ -46,18 +49,18 @@ LATENT = flags.DEFINE_enum_class("latent", cache.LatentMode.MODE, cache.LatentMo
 STORE_DTYPE = flags.DEFINE_enum_class("store_dtype", cache.StoreDtype.FLOAT32, cache.StoreDtype,
                                       "Storage dtype of latents and tokens (computed in fp32).")
 TOKENIZERS = flags.DEFINE_string("tokenizers", None, common.TOKENIZERS_HELP)
-CKPT = flags.DEFINE_string("ckpt", None, "Checkpoint directory holding the encoder parts "
-                           f"({', '.join(cache.ENCODERS)}); default: random weights, for testing "
-                           "only.")
+CKPT = flags.DEFINE_list("ckpt", None, "Checkpoint directories holding the encoder parts "
+                         f"({', '.join(cache.ENCODERS)}), comma-separated (each part from the "
+                         "last one holding it, as a training run's init_from); default: random "
+                         "weights, for testing only.")
 
 
-def _source(config, run) -> tuple[object, dict]:
+def _source(run) -> tuple[object, dict]:
   """The examples to cache and their description for the cache spec."""
   if common.SOURCE.value == "synthetic":
     if common.RECORDS.value:
       raise SystemExit("codi-jax cache: --records is for --source records")
-    data = synthetic.SyntheticConfig(image_size=config.image_size, num_frames=config.num_frames,
-                                     seed=run.seed)
+    data = train_data.synthetic_config(run)  # the examples training reads
     return synthetic.SplitSource(data, SPLIT.value), dict(
         source="synthetic", split=SPLIT.value, synthetic_config=repr(data))
   if not common.RECORDS.value:
@@ -67,43 +70,26 @@ def _source(config, run) -> tuple[object, dict]:
   return records.read_records(files), dict(source="records", records=[str(f) for f in files])
 
 
-def _encoder_params(model, seed: int) -> tuple[dict, str]:
-  """(encoder weights, their description for the cache spec)."""
-  if CKPT.value is None:
-    logging.warning(
-        "codi-jax cache: no --ckpt, so the encoders have RANDOM weights (seed %d): these latents "
-        "and tokens are for testing only, useless for training; pass --ckpt (a converted "
-        "checkpoint) for real ones", seed)
-    return cache.load_encoder_params(model, seed=seed), "random"
-  try:
-    params = cache.load_encoder_params(model, ckpt=CKPT.value)
-  except ValueError as e:
-    raise SystemExit(f"codi-jax cache: --ckpt {CKPT.value}: {e}") from None
-  return params, f"checkpoint {pathlib.Path(CKPT.value).resolve()}"
-
-
 def main(argv: list[str]) -> int:
   del argv
   if not OUT.value:
     raise SystemExit("codi-jax cache: --out DIR is required")
   run = common.CONFIG.value
   seed = run.seed if common.SEED.value is None else common.SEED.value
-  config = cache.cache_config_from(run, batch_size=BATCH_SIZE.value, latent_mode=LATENT.value,
-                                   seed=seed)
+  name = NAME.value or (SPLIT.value if common.SOURCE.value == "synthetic" else "records")
   try:
-    source, describe = _source(config, run)
-    tokenizers = cache.load_tokenizers(TOKENIZERS.value)
+    source, describe = _source(run)
+    summary = train_data.cache_examples(run, CKPT.value, source, describe, OUT.value,
+                                        name=name, seed=seed,
+                                        batch_size=BATCH_SIZE.value, limit=LIMIT.value,
+                                        shard_size=SHARD_SIZE.value, latent=LATENT.value,
+                                        store_dtype=STORE_DTYPE.value,
+                                        tokenizers=TOKENIZERS.value,
+                                        process_index=common.PROCESS_INDEX.value,
+                                        process_count=common.PROCESS_COUNT.value,
+                                        progress=jax.process_index() == 0)
   except (FileNotFoundError, ValueError) as e:
     raise SystemExit(f"codi-jax cache: {e}") from None
-  params, weights = _encoder_params(run.model, seed)
-  encoders = cache.FrozenEncoders(run.model, params, tokenizers, config)
-  describe.update(model=json.loads(run.model.to_json_best_effort()), encoder_weights=weights)
-  name = NAME.value or (SPLIT.value if common.SOURCE.value == "synthetic" else "records")
-  summary = cache.build_cache(source, OUT.value, encoders, name=name, limit=LIMIT.value,
-                              shard_size=SHARD_SIZE.value, store_dtype=STORE_DTYPE.value,
-                              describe=describe, process_index=common.PROCESS_INDEX.value,
-                              process_count=common.PROCESS_COUNT.value,
-                              progress=jax.process_index() == 0)
   if common.JSON.value:
     atomic_write_json(common.JSON.value, summary.as_json())
   failures = ", ".join(f"{k} {v}" for k, v in sorted(summary.failures.items())) or "none"

@@ -7,7 +7,8 @@ stage by stage, then measures and shows any-to-any generation.
 1. Trains every stage in CoDi's order (`codi_jax.train.stages.STAGES`: autoencoders, encoder
    alignment, the image, video, audio and text diffusers, latent alignment), each in
    `<workdir>/stages/<stage>` with `codi-jax train`'s semantics, initialised from the stages
-   before it. A finished stage (its `model/` exists) is reused; an interrupted one resumes from
+   before it. Once the encoders are trained, their outputs on the training split are cached
+   (`<workdir>/cache`, `codi-jax cache`) and the later stages read them from there. A finished stage (its `model/` exists) is reused; an interrupted one resumes from
    its newest checkpoint, so stopping the demo and running it again loses at most a few steps.
 2. Merges the stages' models into `<workdir>/model` (a checkpoint `generate`, `sample` and `eval`
    read; later stages win per part).
@@ -32,7 +33,7 @@ from codi_jax.io_utils import atomic_write_json, atomic_write_text
 WORKDIR = flags.DEFINE_string("workdir", "outputs/demo", "Where the demo writes everything.")
 STEPS = flags.DEFINE_list("steps", [], "Per-stage step counts overriding the demo's, e.g. "
                           "diffuse_image=600,latent_align=300.")
-EVAL_EXAMPLES = flags.DEFINE_integer("eval_examples", 12,
+EVAL_EXAMPLES = flags.DEFINE_integer("eval_examples", 48,
                                      "Held-out examples per input -> output pair in the report.")
 DDIM_STEPS = flags.DEFINE_integer("ddim_steps", 15, "DDIM steps of the generated examples.")
 TOKENIZERS = flags.DEFINE_string("tokenizers", None, common.TOKENIZERS_HELP)
@@ -90,6 +91,7 @@ DEMO_STAGES = {
 }
 
 
+CACHE_DIR = "cache"  # under the workdir: the encoders' outputs the frozen-encoder stages read
 CHECKPOINT_EVERY = 500  # steps between a stage's checkpoints (a hard kill loses at most these)
 
 
@@ -112,12 +114,14 @@ def stage_steps(overrides: list[str]) -> dict[str, int]:
 def train_stages(config, workdir: pathlib.Path, steps: dict[str, int]) -> list[dict]:
   """Trains the stages in order (reusing finished ones); returns one summary per stage."""
   from codi_jax.train.loop import MODEL_DIR, train
-  from codi_jax.train.stages import STAGES
+  from codi_jax.train.stages import FROZEN_ENCODER_STAGES, STAGES
 
-  summaries, models = [], []
+  summaries, models, cached = [], [], None
   for index, stage in enumerate(STAGES, 1):
     run_dir = workdir / "stages" / stage
     model_dir = run_dir / MODEL_DIR
+    if stage in FROZEN_ENCODER_STAGES and cached is None and not model_dir.is_dir():
+      cached = cache_training_split(config, models, workdir / CACHE_DIR)
     if model_dir.is_dir():
       print(f"[{index}/{len(STAGES)}] {stage}: done earlier, reusing {model_dir}")
       summaries.append(_finished_summary(stage, run_dir))
@@ -130,6 +134,7 @@ def train_stages(config, workdir: pathlib.Path, steps: dict[str, int]) -> list[d
       stage_config.data.update(settings.pop("data", {}))
       stage_config.train.update(settings, steps=steps[stage])
       stage_config.init_from = ",".join(str(m) for m in models)
+      stage_config.data.cache = str(cached) if stage in FROZEN_ENCODER_STAGES else ""
       stage_config.train.sample_every = 0  # the gallery at the end shows what the model makes
       # A save costs ~2-3 s of the 2 cores; SIGTERM (Ctrl-C, preemption) saves anyway.
       stage_config.train.checkpoint_every = CHECKPOINT_EVERY
@@ -144,6 +149,24 @@ def train_stages(config, workdir: pathlib.Path, steps: dict[str, int]) -> list[d
       summaries.append(result)
     models.append(model_dir)
   return summaries
+
+
+def cache_training_split(config, models: list[pathlib.Path], out: pathlib.Path) -> pathlib.Path:
+  """The frozen encoders of the stages trained so far over the synthetic training split, once
+  (`codi-jax cache`; a re-run finds its shards done): the diffusers and latent alignment read
+  latents and tokens from it instead of running the encoders every step."""
+  from codi_jax.data import synthetic
+  from codi_jax.train import data as train_data
+
+  print(f"caching the frozen encoders' outputs on the training split in {out}")
+  source = synthetic.SplitSource(train_data.synthetic_config(config), "train")
+  summary = train_data.cache_examples(
+      config, [str(m) for m in models], source, dict(source="synthetic", split="train"), out,
+      name="train", seed=config.seed, batch_size=64, shard_size=1024,
+      tokenizers=config.data.tokenizers or None)
+  print(f"  {summary.written} examples cached ({summary.shards_skipped} shards done earlier), "
+        f"{summary.seconds:.0f} s")
+  return out
 
 
 def _finished_summary(stage: str, run_dir: pathlib.Path) -> dict:

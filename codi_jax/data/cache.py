@@ -85,20 +85,20 @@ class CacheConfig:
   image_size: int = 256  # square side the image VAE sees (f8 -> latent side / 8)
   num_frames: int = 8  # frames sampled evenly from each video
   audio_frames: int = 1024  # AudioLDM fbank frames (160 samples each at 16 kHz)
+  # 16 kHz samples each clip is cropped or zero-padded to (None: the fbank's span, frames x 160;
+  # a training run's cache takes its `config.data.audio_samples`).
+  audio_samples: int | None = None
   batch_size: int = 8
   latent_mode: LatentMode = LatentMode.MODE
   seed: int = 0
 
   def __post_init__(self):
     object.__setattr__(self, "latent_mode", LatentMode(self.latent_mode))
-    for name in ("image_size", "num_frames", "audio_frames", "batch_size"):
+    if self.audio_samples is None:
+      object.__setattr__(self, "audio_samples", self.audio_frames * HOP)
+    for name in ("image_size", "num_frames", "audio_frames", "audio_samples", "batch_size"):
       if getattr(self, name) < 1:
         raise ValueError(f"CacheConfig.{name} must be positive, got {getattr(self, name)}")
-
-  @property
-  def audio_samples(self) -> int:
-    """16 kHz samples each clip is cropped or zero-padded to (the fbank's span)."""
-    return self.audio_frames * HOP
 
   @property
   def audio_time(self) -> float:
@@ -109,13 +109,37 @@ class CacheConfig:
 
 def cache_config_from(config: Any, **overrides: Any) -> CacheConfig:
   """The cache settings of a run config (`configs/codi.py`): the VAE input sizes that give the
-  diffusers' latent sizes (`config.sample`), seed = config.seed; `overrides` win."""
+  diffusers' latent sizes (`config.sample`), clips of the training length
+  (`config.data.audio_samples`), seed = config.seed; `overrides` win."""
   model, sample = config.model, config.sample
   image_f = components.image_vae_config(model).downsample_factor
   audio_f = components.audio_vae_config(model).downsample_factor
   fields = dict(image_size=sample.image_latent_size * image_f, num_frames=sample.num_frames,
-                audio_frames=sample.audio_latent_frames * audio_f, seed=config.seed)
+                audio_frames=sample.audio_latent_frames * audio_f,
+                audio_samples=config.data.audio_samples, seed=config.seed)
   return CacheConfig(**{**fields, **overrides})
+
+
+def encoder_signature(params: Mapping[str, PyTree]) -> dict[str, list[float]]:
+  """{part: [leaf count, sum, sum of squares]} of encoder weights: cheap (reductions run where
+  the weights lie, sharded or not) and enough to tell one set of weights from another. A cache
+  records its encoders' signature; training on the cache checks its own against it."""
+  out = {}
+  for name, tree in params.items():
+    leaves = jax.tree_util.tree_leaves(nn.meta.unbox(tree))
+    out[name] = [float(len(leaves)),
+                 sum(float(jnp.sum(jnp.asarray(x, jnp.float32))) for x in leaves),
+                 sum(float(jnp.sum(jnp.square(jnp.asarray(x, jnp.float32)))) for x in leaves)]
+  return out
+
+
+def read_spec(path: str | os.PathLike) -> dict[str, Any]:
+  """The `cache_spec.json` of a cache folder (or of the folder holding a shard file)."""
+  path = pathlib.Path(path)
+  spec = (path if path.is_dir() else path.parent) / SPEC_FILE
+  if not spec.is_file():
+    raise ValueError(f"{spec} does not exist: is {path} a `codi-jax cache` folder?")
+  return json.loads(spec.read_text())
 
 
 # --- parameters and tokenizers --------------------------------------------------------------------
@@ -126,16 +150,28 @@ def random_encoder_params(model: Mapping, seed: int) -> dict[str, PyTree]:
 
 
 def load_encoder_params(model: Mapping, params: Mapping[str, PyTree] | None = None, *,
-                        seed: int = 0, ckpt: str | os.PathLike | None = None
+                        seed: int = 0,
+                        ckpt: str | os.PathLike | Sequence[str | os.PathLike] | None = None
                         ) -> dict[str, PyTree]:
   """The one place encoder weights come from: `params` ({component name: tree}) or the encoder
-  parts of the checkpoint `ckpt` (`checkpoint.load_model`), checked against the config's shapes,
-  or random (`random_encoder_params`, for tests and demos) when neither is given. CLAP's tree is
-  {"params", "batch_stats"}. Raises ValueError naming a missing part or a mismatched leaf."""
+  parts of the checkpoints `ckpt` (one or several, e.g. the autoencoders' and the aligned prompt
+  encoders'; each part from the last one holding it, `checkpoint.load_model`), checked against
+  the config's shapes, or random (`random_encoder_params`, for tests and demos) when neither is
+  given. CLAP's tree is {"params", "batch_stats"}. Raises ValueError naming a missing part or a
+  mismatched leaf."""
   if ckpt is not None:
     if params is not None:
       raise ValueError("load_encoder_params: give params or ckpt, not both")
-    _, params = checkpoint.load_model(ckpt, ENCODERS)
+    dirs = [ckpt] if isinstance(ckpt, (str, os.PathLike)) else list(ckpt)
+    params = {}
+    for d in dirs:
+      if not pathlib.Path(d).is_dir():
+        raise ValueError(f"checkpoint directory {d} does not exist")
+      held = [p for p in ENCODERS if p in checkpoint.saved_parts(pathlib.Path(d))]
+      params.update(checkpoint.load_model(d, held)[1] if held else {})
+    missing = [p for p in ENCODERS if p not in params]
+    if missing:
+      raise ValueError(f"no checkpoint of {[str(d) for d in dirs]} holds {missing}")
   if params is None:
     return random_encoder_params(model, seed)
   if set(params) != set(ENCODERS):

@@ -4,7 +4,8 @@ numpy batches, sharded by process, prefetched by worker processes, checkpointabl
 A `StageData` names the modalities a stage needs (`STAGE_MODALITIES`), their fixed shapes and a
 weighted mixture of sources: `SyntheticSource` (the embedded procedural dataset, no files),
 `RecordShards` (our ArrayRecord shards, media decoded with `codi_jax.data.media`) and `TfdsSource`
-(a prepared tfds dataset of `codi_jax.data.builders`, read from its folder).
+(a prepared tfds dataset of `codi_jax.data.builders`, read from its folder) and `CacheSource`
+(`codi-jax cache` output: latents and condition tokens, for stages whose encoders are frozen).
 
 Order of the pipeline (all `MapDataset`s, so an iterator's state is a few indices):
 
@@ -25,7 +26,8 @@ depends on `num_workers` (still deterministic); a checkpoint restores onto the s
 Batches: `key`/`source`: B strings; `index` int64 [B], each example's position in the global
 stream; `image` float32 [B, S, S, 3] and `video` [B, F, S, S, 3] in
 [-1, 1]; `audio` float32 [B, L]; `text`: B strings, plus `text_tokens` int32 [B, T] when a
-tokenizer is given. B batch, S image side, F frames, L audio samples, T text tokens.
+tokenizer is given; from a `CacheSource` instead `<m>_latent` and `<m>_token` float32 [B, ...] of
+each modality m. B batch, S image side, F frames, L audio samples, T text tokens.
 """
 
 from __future__ import annotations
@@ -169,7 +171,31 @@ class TfdsSource:
     return builders.data_source(tfds.builder_from_directory(self.builder_dir), self.split)
 
 
-Source = SyntheticSource | RecordShards | TfdsSource
+@dataclasses.dataclass(frozen=True)
+class CacheSource:
+  """`codi-jax cache` output (`codi_jax.data.cache`): per example the frozen encoders' latents
+  and condition tokens instead of media. A stage reads `<m>_latent` and `<m>_token` of each of
+  its modalities; examples lacking one are skipped."""
+
+  paths: tuple[str, ...]
+  weight: float = 1.0
+  name: str = "cache"
+
+  def __post_init__(self):
+    if isinstance(self.paths, (str, os.PathLike)):
+      raise TypeError("CacheSource: paths must be a sequence of folders, files or globs")
+    object.__setattr__(self, "paths", tuple(str(p) for p in self.paths))
+    if not self.paths:
+      raise ValueError("CacheSource: no cache paths given")
+    _check_weight(self.weight, self.name)
+
+  def open(self):
+    from codi_jax.data import cache  # only cache-backed pipelines need the encoders' module
+
+    return cache.CacheReader([f for p in self.paths for f in cache.shard_files(p)])
+
+
+Source = SyntheticSource | RecordShards | TfdsSource | CacheSource
 
 
 def _check_weight(weight: float, name: str) -> None:
@@ -206,7 +232,7 @@ class StageData:
     if not sources:
       raise ValueError(f"StageData {self.name!r}: no sources")
     for s in sources:
-      if not isinstance(s, (SyntheticSource, RecordShards, TfdsSource)):
+      if not isinstance(s, (SyntheticSource, RecordShards, TfdsSource, CacheSource)):
         raise TypeError(f"StageData {self.name!r}: unknown source {s!r}")
     object.__setattr__(self, "sources", sources)
     for field in ("image_size", "num_frames", "audio_samples", "sample_rate", "text_length"):
@@ -287,6 +313,26 @@ class _DecodeRecord(grain.transforms.Map):
     return out
 
 
+def cache_features(modalities: Sequence[Modality]) -> tuple[str, ...]:
+  """The cached features a stage reading `modalities` takes: each one's latent and token."""
+  return tuple(f"{m.value}_{kind}" for m in modalities for kind in ("latent", "token"))
+
+
+class _DecodeCache(grain.transforms.Map):
+  """Cached record -> {key, source, <m>_latent, <m>_token} as float32, or None when the record
+  lacks one of them (that example was cached without the modality)."""
+
+  def __init__(self, spec: StageData, name: str):
+    self._features = cache_features(spec.modalities)
+    self._name = name
+
+  def map(self, record: dict[str, np.ndarray]) -> dict[str, Any] | None:
+    if not all(f in record for f in self._features):
+      return None
+    return {"key": str(record["key"]), "source": self._name,
+            **{f: np.asarray(record[f], np.float32) for f in self._features}}
+
+
 class _Preprocess(grain.transforms.RandomMap):
   """Decoded dict -> fixed shapes (see the module docstring); tokens when a tokenizer is set."""
 
@@ -297,7 +343,8 @@ class _Preprocess(grain.transforms.RandomMap):
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     spec = self._spec
     rng = rng if spec.crop is Crop.RANDOM else None
-    out = {"key": element["key"], "source": element["source"]}
+    out = {k: v for k, v in element.items() if k.endswith(("_latent", "_token"))}
+    out.update(key=element["key"], source=element["source"])
     if "image" in element:
       out["image"] = preprocess.preprocess_image(element["image"], spec.image_size, rng)
     if "video" in element:
@@ -349,6 +396,8 @@ def _source_dataset(source: Source, spec: StageData) -> grain.MapDataset:
     media = tuple(m.value for m in spec.modalities if m.value in synthetic.MEDIA)
     return grain.MapDataset.source(
         synthetic.SplitSource(source.config, source.split, media)).map(decode)
+  if isinstance(source, CacheSource):
+    return grain.MapDataset.source(source.open()).map(_DecodeCache(spec, source.name))
   examples = source.open() if isinstance(source, TfdsSource) else records.read_records(
       source.files())
   return grain.MapDataset.source(examples).map(_DecodeRecord(spec, source.name))

@@ -13,9 +13,9 @@ import time
 from typing import Any
 
 import ml_collections
-import numpy as np
 
 from codi_jax.parallel.mesh import create_mesh
+from codi_jax.train import data as train_data
 from codi_jax.train.step import Trainer
 
 GIB = 1024 ** 3
@@ -53,9 +53,9 @@ def compile_check(config: ml_collections.ConfigDict, topology: str) -> dict[str,
   phases = []
   for index, phase in enumerate(trainer.stage.phases):
     state, frozen, batch = trainer.abstract_inputs(index)
-    null_ids = np.zeros((77,), np.int32)  # only its shape matters here
+    nulls = train_data.null_inputs(config, None)  # only their shapes matter here
     t0 = time.perf_counter()
-    jitted = trainer.jitted_step(index, state.params, frozen, null_ids)
+    jitted = trainer.jitted_step(index, state.params, frozen, nulls)
     compiled = jitted.lower(state, frozen, batch).compile()
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()

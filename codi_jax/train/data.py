@@ -1,8 +1,10 @@
 """Training batches: the phase's grain pipeline, tokenised on the host, placed on the mesh.
 
 `config.data` picks the source (the embedded synthetic dataset, our record shards, or a prepared
-tfds folder) and the fixed shapes; each process reads its own slice of the one global stream
-(`codi_jax.data.pipeline`) and `place` assembles the global batch over the mesh's batch axes with
+tfds folder) and the fixed shapes; with `config.data.cache` set, the training split of a stage
+whose encoders are frozen reads their outputs from `codi-jax cache` shards instead
+(`cache_examples` writes them; validation and test examples still come from the source). Each
+process reads its own slice of the one global stream (`codi_jax.data.pipeline`) and `place` assembles the global batch over the mesh's batch axes with
 `jax.make_array_from_process_local_data`. Text becomes fixed-length ids for the three text models
 here (CLIP `clip_length`, BERT `bert_length`, GPT-2 `gpt2_length` with <BOS>/<EOS>/<PAD>);
 strings and keys stay on the host.
@@ -10,21 +12,28 @@ strings and keys stay on the host.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import pathlib
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import grain
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh
 
-from codi_jax.data import pipeline, synthetic
+from codi_jax.data import cache, pipeline, synthetic
 from codi_jax.modality import Modality
 from codi_jax.models.optimus import BOS_ID, EOS_ID, PAD_ID
 from codi_jax.parallel.sharding import place_batch
 from codi_jax.text import BertTokenizer, CLIPTokenizer, GPT2Tokenizer, vocab_dir
+from codi_jax.train import latent_stats
+from codi_jax.train.state import init_sources
 
 ARRAY_FIELDS = ("index", "image", "video", "audio", "clip_ids", "bert_ids", "gpt2_ids")
+CACHED_SUFFIXES = ("_latent", "_token")  # `pipeline.cache_features`
 
 
 class Tokenizers(NamedTuple):
@@ -66,14 +75,96 @@ def bert_ids(tokenizer: BertTokenizer, texts: Sequence[str], length: int) -> np.
   return out
 
 
+def synthetic_config(config: ml_collections.ConfigDict) -> synthetic.SyntheticConfig:
+  """The synthetic dataset a run config trains on (also what `codi-jax cache` encodes)."""
+  d = config.data
+  return synthetic.SyntheticConfig(
+      image_size=max(32, d.image_size), num_frames=d.num_frames,
+      audio_seconds=max(0.5, d.audio_samples / 16000), seed=config.seed,
+      minimal_pairs=d.minimal_pairs)
+
+
+def cache_paths(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """`config.data.cache` as paths (comma-separated; empty: no cache)."""
+  return tuple(p.strip() for p in str(config.data.cache).split(",") if p.strip())
+
+
+def check_cache(config: ml_collections.ConfigDict, params: Mapping[str, Any]) -> None:
+  """Refuses a `config.data.cache` that holds something other than what this run's encoders
+  (`params`, {part: tree}) compute from its training examples: other input sizes, posterior
+  samples instead of the mode, other latent normalisation, or other encoder weights
+  (`cache.encoder_signature`)."""
+  want = dataclasses.asdict(cache.cache_config_from(config))
+  mine = cache.encoder_signature({p: params[p] for p in cache.ENCODERS if p in params})
+  folders = {str(pathlib.Path(f).parent) for p in cache_paths(config)
+             for f in cache.shard_files(p)}
+  for folder in sorted(folders):
+    spec = cache.read_spec(folder)
+    made = spec.get("cache_config", {})
+    for field in ("image_size", "num_frames", "audio_frames", "audio_samples", "latent_mode"):
+      if made.get(field) != want[field]:
+        raise ValueError(f"the cache {folder} was made with {field}={made.get(field)!r}; this "
+                         f"run's training examples need {want[field]!r} (rebuild it with "
+                         "`codi-jax cache` and this run's config)")
+    for part, (field, _) in latent_stats.LATENT_PARTS.items():
+      for name in latent_stats.FIELDS:
+        made = spec.get("model", {}).get(field, {}).get(name)
+        if part in params and (made is None or not np.isclose(made, config.model[field][name],
+                                                              rtol=1e-6)):
+          raise ValueError(f"the cache {folder} holds latents with {field}.{name}={made}; this "
+                           f"run normalises them with {config.model[field][name]} (rebuild it "
+                           "with `codi-jax cache --ckpt` on the checkpoints this run starts from)")
+    theirs = spec.get("encoder_signature") or {}
+    for part, signature in mine.items():
+      if part in theirs and not np.allclose(theirs[part], signature, rtol=1e-4):
+        raise ValueError(f"the cache {folder} was made with other {part} weights than this "
+                         "run's (their signatures differ); rebuild it with `codi-jax cache "
+                         "--ckpt` on the checkpoint this run starts from")
+    missing = sorted(set(mine) - set(theirs))
+    if missing:
+      raise ValueError(f"the cache {folder} records no signature of {missing}: it cannot be "
+                       "checked against this run's encoders; rebuild it with `codi-jax cache`")
+
+
+def cache_examples(run: ml_collections.ConfigDict, ckpt: Sequence[str] | None,
+                   source: Sequence[Any], describe: dict[str, Any], out: str | pathlib.Path, *,
+                   name: str, seed: int, batch_size: int = 8, limit: int | None = None,
+                   shard_size: int = 256, latent: cache.LatentMode = cache.LatentMode.MODE,
+                   store_dtype: cache.StoreDtype = cache.StoreDtype.FLOAT32,
+                   tokenizers: str | None = None, process_index: int | None = None,
+                   process_count: int | None = None, progress: bool = True
+                   ) -> cache.CacheSummary:
+  """`codi-jax cache`: `source` through the encoders of the checkpoints `ckpt` (random without
+  them, for tests), latents normalised as those checkpoints' own (what a run from them
+  diffuses), into `out`; the spec records the model config and the encoders' signature, which
+  `check_cache` reads. The demo calls it too.
+  Raises ValueError on a bad checkpoint, FileNotFoundError on missing vocabularies."""
+  if ckpt:
+    run = latent_stats.adopt(run, init_sources(list(ckpt)), cache.ENCODERS)
+    params = cache.load_encoder_params(run.model, ckpt=list(ckpt))
+    weights = "checkpoints " + ", ".join(str(pathlib.Path(d).resolve()) for d in ckpt)
+  else:
+    logging.warning(
+        "cache: no --ckpt, so the encoders have RANDOM weights (seed %d): these latents "
+        "and tokens are for testing only, useless for training; pass --ckpt (a converted "
+        "checkpoint) for real ones", seed)
+    params, weights = cache.load_encoder_params(run.model, seed=seed), "random"
+  config = cache.cache_config_from(run, batch_size=batch_size, latent_mode=latent, seed=seed)
+  encoders = cache.FrozenEncoders(run.model, params, cache.load_tokenizers(tokenizers), config)
+  describe = dict(describe, model=json.loads(run.model.to_json_best_effort()),
+                  encoder_weights=weights, encoder_signature=cache.encoder_signature(params))
+  return cache.build_cache(source, out, encoders, name=name, limit=limit, shard_size=shard_size,
+                           store_dtype=store_dtype, describe=describe,
+                           process_index=process_index, process_count=process_count,
+                           progress=progress)
+
+
 def sources(config: ml_collections.ConfigDict, split: str = "train") -> list[pipeline.Source]:
   d = config.data
+  if split == "train" and cache_paths(config):
+    return [pipeline.CacheSource(cache_paths(config))]
   if d.source == "synthetic":
-    seconds = d.audio_samples / 16000
-    return [pipeline.SyntheticSource(synthetic.SyntheticConfig(
-        image_size=max(32, d.image_size), num_frames=d.num_frames,
-        audio_seconds=max(0.5, seconds), seed=config.seed,
-        minimal_pairs=d.minimal_pairs), split=split)]
+    return [pipeline.SyntheticSource(synthetic_config(config), split=split)]
   if d.source == "records":
     paths = tuple(p.strip() for p in str(d.records).split(",") if p.strip())
     return [pipeline.RecordShards(paths)]
@@ -105,7 +196,8 @@ def build(config: ml_collections.ConfigDict, modalities: Sequence[Modality], see
 def arrays(batch: Mapping[str, Any], tokenizers: Tokenizers,
            config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
   """The numeric fields of a host batch, text tokenised for every text model."""
-  out = {k: np.asarray(v) for k, v in batch.items() if k in ARRAY_FIELDS}
+  out = {k: np.asarray(v) for k, v in batch.items()
+         if k in ARRAY_FIELDS or k.endswith(CACHED_SUFFIXES)}
   if "text" in batch:
     texts = list(batch["text"])
     out["clip_ids"] = tokenizers.clip.encode_batch(texts, config.data.clip_length).astype(
@@ -120,6 +212,15 @@ def place(batch: Mapping[str, np.ndarray], mesh: Mesh, rules) -> dict[str, jax.A
   return place_batch(dict(batch), mesh, rules)
 
 
-def null_clip_ids(tokenizers: Tokenizers) -> np.ndarray:
-  """CLIP ids of the empty prompt [77] (the text null condition)."""
-  return tokenizers.clip.encode_batch([""])[0].astype(np.int32)
+def null_inputs(config: ml_collections.ConfigDict, tokenizers: Tokenizers | None
+                ) -> dict[str, np.ndarray]:
+  """What the null (unconditional) tokens are encoded from, one row each at the batch's shapes:
+  `null_clip_ids` [1, 77] (the empty prompt; zeros without `tokenizers`, where only shapes
+  matter), `null_image` [1, S, S, 3] and `null_video` [1, F, S, S, 3] (grey: zeros in [-1, 1]),
+  `null_audio` [1, L] (silence)."""
+  d = config.data
+  ids = (np.zeros((1, 77)) if tokenizers is None else tokenizers.clip.encode_batch([""]))
+  return {"null_clip_ids": ids.astype(np.int32),
+          "null_image": np.zeros((1, d.image_size, d.image_size, 3), np.float32),
+          "null_video": np.zeros((1, d.num_frames, d.image_size, d.image_size, 3), np.float32),
+          "null_audio": np.zeros((1, d.audio_samples), np.float32)}

@@ -54,7 +54,7 @@ from codi_jax.train import latent_stats
 from codi_jax.train.checkpoints import CheckpointStore
 from codi_jax.train.metric_writers import create_writers
 from codi_jax.train.samples import SampleLogger
-from codi_jax.train.stages import get_stage
+from codi_jax.train.stages import FROZEN_ENCODER_STAGES, get_stage
 from codi_jax.train.state import (check_train_settings, init_sources, load_params, merge,
                                   param_count)
 from codi_jax.train.step import Trainer, cost_flops
@@ -168,9 +168,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, export: bool = Tru
       raise ValueError(f"the batch size {phase.batch(config)} of phase {phase.name} must be a "
                        f"multiple of the mesh's data x fsdp = {devices_per_batch} devices")
   tokenizers = train_data.load_tokenizers(config.data.tokenizers)
-  null_ids = train_data.null_clip_ids(tokenizers)
+  nulls = train_data.null_inputs(config, tokenizers)
 
   params, origin = load_params(config, stage.parts, mesh)
+  if train_data.cache_paths(config):
+    if stage.name not in FROZEN_ENCODER_STAGES:
+      raise ValueError(f"config.data.cache: stage {stage.name} trains encoders, so it cannot "
+                       f"read their cached outputs (stages that can: {FROZEN_ENCODER_STAGES})")
+    train_data.check_cache(config, params)
   trainable, frozen = trainer.split(params)
   del params
   logging.info("stage %s: %s trainable, %s frozen parameters on a %s mesh", stage.name,
@@ -210,7 +215,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, export: bool = Tru
       if compiled_phase != phase_index:
         batch = _next_batch(iterator, tokenizers, config, mesh)
         t0 = time.perf_counter()
-        jitted = trainer.jitted_step(phase_index, state.params, frozen, null_ids)
+        jitted = trainer.jitted_step(phase_index, state.params, frozen, nulls)
         step_fn = jitted.lower(state, frozen, batch).compile()
         flops = cost_flops(step_fn)
         compile_s = time.perf_counter() - t0

@@ -115,7 +115,10 @@ def clip_pixels(x: jax.Array, size: int) -> jax.Array:
 
 def condition_token(models: Models, params: Mapping[str, PyTree], batch: Batch,
                     modality: Modality) -> jax.Array:
-  """Unit-norm prompt token [B, D] of one modality of the batch (CLIP text/vision, CLAP)."""
+  """Unit-norm prompt token [B, D] of one modality of the batch (CLIP text/vision, CLAP), or the
+  cached one (`<modality>_token`) when the batch holds it."""
+  if f"{modality.value}_token" in batch:
+    return batch[f"{modality.value}_token"]
   if modality is Modality.TEXT:
     tok = models.clip.apply({"params": params["clip"]}, batch["clip_ids"],
                             method=clip.CLIPModel.encode_text)
@@ -131,23 +134,21 @@ def condition_token(models: Models, params: Mapping[str, PyTree], batch: Batch,
 def null_token(models: Models, params: Mapping[str, PyTree], batch: Batch,
                modality: Modality) -> jax.Array:
   """The unconditional token [D] of a modality, as inference builds it (CLIP of "", of a grey
-  image/video, CLAP of silence)."""
-  if modality is Modality.TEXT:
-    null = {"clip_ids": batch["null_clip_ids"][None]}
-  elif modality is Modality.AUDIO:
-    null = {"audio": jnp.zeros_like(batch["audio"][:1])}
-  else:
-    null = {modality.value: jnp.zeros_like(batch[modality.value][:1])}
-  return condition_token(models, params, null, modality)[0]
+  image/video, CLAP of silence), from the batch's `null_*` inputs (`train.data.null_inputs`)."""
+  field = "clip_ids" if modality is Modality.TEXT else modality.value
+  return condition_token(models, params, {field: batch[f"null_{field}"]}, modality)[0]
 
 
 def latent(models: Models, params: Mapping[str, PyTree], batch: Batch, modality: Modality
            ) -> jax.Array:
   """The diffusion latent x0 of one modality (what the diffuser learns to generate): the frozen
-  VAE's posterior mode, or the Optimus mean for text, normalised by the part's shift and scale.
+  VAE's posterior mode, or the Optimus mean for text, normalised by the part's shift and scale;
+  or the cached one (`<modality>_latent`) when the batch holds it.
 
   The mode, not a posterior sample: a VAE trained briefly from scratch keeps a wide posterior,
   and its noise would dominate the diffusion target."""
+  if f"{modality.value}_latent" in batch:
+    return batch[f"{modality.value}_latent"]
   if modality in (Modality.IMAGE, Modality.VIDEO):
     return autoencoder.encode_image(models.image_vae, params["autokl"], batch[modality.value])
   if modality is Modality.AUDIO:

@@ -138,7 +138,7 @@ class SampleLogger:
     self.tokenizers = tokenizers
     self.frozen = frozen
     self.replicated = NamedSharding(trainer.mesh, PartitionSpec())
-    self.null_ids = train_data.null_clip_ids(tokenizers)
+    self.nulls = train_data.null_inputs(config, tokenizers)
     self.primary = jax.process_index() == 0
     self.extra, self.unavailable = self._extra_decoders(trainer.mesh)
     self.trace_count = 0  # incremented when a program is traced; one per phase proves no retrace
@@ -196,8 +196,7 @@ class SampleLogger:
     if phase_index not in self._programs:
       phase = self.stage.phases[phase_index]
       host = validation_examples(self.config, phase.modalities, self.count)
-      arrays = dict(train_data.arrays(host, self.tokenizers, self.config),
-                    null_clip_ids=self.null_ids)
+      arrays = dict(train_data.arrays(host, self.tokenizers, self.config), **self.nulls)
       batch = {k: jax.make_array_from_callback(v.shape, self.replicated,
                                                lambda i, v=v: v[i])
                for k, v in arrays.items()}

@@ -376,3 +376,6 @@ def get_stage(config: ml_collections.ConfigDict) -> Stage:
 
 STAGES = ("autoencoders", "align_encoders", "diffuse_image", "diffuse_video", "diffuse_audio",
           "diffuse_text", "latent_align")
+# The stages whose encoders are all frozen: they may read cached latents and tokens
+# (`config.data.cache`) instead of running the encoders.
+FROZEN_ENCODER_STAGES = (*DIFFUSION_STAGES, "latent_align")

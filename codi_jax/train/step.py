@@ -130,7 +130,7 @@ class Trainer:
             for p, leaves in trainable.items()}
     return None if all(all(m.values()) for m in mask.values()) else mask
 
-  def _step_fn(self, phase: stages.Phase, mask, null_ids: np.ndarray):
+  def _step_fn(self, phase: stages.Phase, mask, nulls: Mapping[str, np.ndarray]):
     config, stage, models, optimizer = self.config, self.stage, self.models, self.optimizer
     t = config.train
     # The logged rate: the phase's own part's when it trains one part, else the stage's.
@@ -149,7 +149,7 @@ class Trainer:
     def step(state: TrainState, frozen: Flat, batch: Mapping[str, jax.Array]):
       rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
       keys = objectives.row_keys(rng, batch["index"])
-      batch = dict(batch, null_clip_ids=jnp.asarray(null_ids))
+      batch = dict(batch, **{k: jnp.asarray(v) for k, v in nulls.items()})
 
       def loss_fn(trainable):
         return stage.loss(phase, models, merge(trainable, frozen), batch, keys, config)
@@ -173,13 +173,14 @@ class Trainer:
 
     return step
 
-  def jitted_step(self, phase_index: int, trainable: Flat, frozen: Flat, null_ids: np.ndarray):
-    """The jitted step of a phase (cached per phase)."""
+  def jitted_step(self, phase_index: int, trainable: Flat, frozen: Flat,
+                  nulls: Mapping[str, np.ndarray]):
+    """The jitted step of a phase (cached per phase); `nulls`: `train.data.null_inputs`."""
     if phase_index not in self._steps:
       phase = self.stage.phases[phase_index]
       state_sh = self.state_shardings(trainable)
       frozen_sh = {p: {k: v.sharding for k, v in leaves.items()} for p, leaves in frozen.items()}
-      fn = self._step_fn(phase, self._update_mask(phase, trainable), null_ids)
+      fn = self._step_fn(phase, self._update_mask(phase, trainable), nulls)
       # keep_unused: frozen leaves a phase never reads (e.g. the other diffusers' branches) stay
       # in device memory all the same, so the compiled program, and compile-check, count them.
       self._steps[phase_index] = jax.jit(

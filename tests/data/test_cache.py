@@ -16,6 +16,7 @@ from codi_jax.audio.mel import fbank_frames
 from codi_jax.data import cache, media, preprocess, records, synthetic
 from codi_jax.models import autoencoder, optimus
 from codi_jax.models.clap import clap_encode_audio
+from codi_jax.train import data as train_data
 from configs.codi import get_config
 from tests.conftest import REPO
 
@@ -26,7 +27,7 @@ SIZE, FRAMES, AUDIO_FRAMES, BATCH = 32, 4, 32, 2
 def setup():
   run = get_config("tiny")
   config = cache.cache_config_from(run, image_size=SIZE, audio_frames=AUDIO_FRAMES,
-                                   batch_size=BATCH)
+                                   audio_samples=AUDIO_FRAMES * 160, batch_size=BATCH)
   params = cache.load_encoder_params(run.model, seed=1)
   tokenizers = cache.load_tokenizers()
   encoders = cache.FrozenEncoders(run.model, params, tokenizers, config)
@@ -220,14 +221,14 @@ def test_cache_command_uses_checkpoint_weights(setup, tmp_path):
   assert proc.returncode == 0, proc.stderr
   assert "RANDOM" not in proc.stderr
   spec = json.loads((tmp_path / "cache" / cache.SPEC_FILE).read_text())
-  assert spec["encoder_weights"] == f"checkpoint {ckpt.resolve()}"
+  assert spec["encoder_weights"] == f"checkpoints {ckpt.resolve()}"
   cached = cache.read_cache(tmp_path / "cache")
   # The command's examples and settings, as `codi-jax cache` builds them (= the setup's).
-  source = synthetic.SplitSource(synthetic.SyntheticConfig(
-      image_size=SIZE, num_frames=encoders.config.num_frames, seed=run.seed), "validation")
-  prepared = [cache.prepare(source[i], encoders.config, encoders.tokenizers) for i in range(2)]
+  source = synthetic.SplitSource(train_data.synthetic_config(run), "validation")
+  config = dataclasses.replace(encoders.config, audio_samples=run.data.audio_samples)
+  prepared = [cache.prepare(source[i], config, encoders.tokenizers) for i in range(2)]
   features = lambda params: cache.FrozenEncoders(run.model, params, encoders.tokenizers,
-                                                 encoders.config)(prepared)
+                                                 config)(prepared)
   with_ckpt = features(cache.load_encoder_params(run.model, ckpt=ckpt))
   default = features(cache.load_encoder_params(run.model, seed=run.seed))
   for i in range(2):
@@ -245,5 +246,4 @@ def test_cache_command_uses_checkpoint_weights(setup, tmp_path):
                                     str(tmp_path / "bad")],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0
-  assert "--ckpt" in bad.stderr and "has no ['autokl', 'audioldm_vae', 'optimus', 'clap']" in (
-      bad.stderr), bad.stderr
+  assert "holds ['autokl', 'audioldm_vae', 'optimus', 'clap']" in bad.stderr, bad.stderr

@@ -58,7 +58,8 @@ def run_steps(config, mesh, tokenizers, steps, phase=0):
   before = jax.tree_util.tree_map(np.asarray, trainable)
   state = trainer.create_state(trainable)
   batch = first_batch(config, trainer, tokenizers, mesh, phase)
-  step = trainer.jitted_step(phase, state.params, frozen, train_data.null_clip_ids(tokenizers))
+  step = trainer.jitted_step(phase, state.params, frozen,
+                             train_data.null_inputs(config, tokenizers))
   losses = []
   for _ in range(steps):
     state, metrics = step(state, frozen, batch)
