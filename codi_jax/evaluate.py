@@ -1,7 +1,7 @@
 """The any-to-any benchmark (`codi-jax eval`): CoDi scored on held-out examples of the embedded
 synthetic dataset by the dataset's own analyzers (`codi_jax.data.analyzers`).
 
-Three sections, each a table:
+Four sections, each a table:
   single  every input -> output pair over text, image, video and audio (16, same modality
           included): accuracy of every attribute the output carries that the input determines.
   multi   two inputs mixed (`MULTI`) -> one output, next to each input alone (its single pair).
@@ -9,6 +9,12 @@ Three sections, each a table:
           no connectors (each output alone from the same seed: the single pairs' outputs); per
           attribute the agreement of the two outputs (`analyzers.agreement`) and each one's
           accuracy against the text.
+  unnamed the same joint tasks from a partial caption that leaves out some of the attributes the
+          sound is keyed to (`partial_caption`: a random non-empty subset of colour, shape and
+          size) and from no prompt at all (the null token: unconditional joint samples); the
+          agreement of the two outputs on those unnamed attributes, pooled over examples with a
+          95 % Wilson interval. Only latent alignment can make them agree there: the bar is
+          `others` >= `self` and no connectors + 0.3, intervals apart.
 All inputs of a request come from one example, so every output is scored against that example's
 ground truth (`Attributes.as_dict`, all eight attributes). The summary sets each attribute's
 accuracy (mean over the single pairs that score it) against fixed accuracy bars: colour and
@@ -30,10 +36,9 @@ the single pairs' outputs and keeps a result independent of batching.
 from __future__ import annotations
 
 import dataclasses
-import html
+import enum
 import os
 import pathlib
-import re
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -43,12 +48,11 @@ import numpy as np
 from tqdm import tqdm
 
 from codi_jax.audio.mel import SAMPLE_RATE
-from codi_jax.data import analyzers, media, preprocess
+from codi_jax.data import analyzers, preprocess
 from codi_jax.data import synthetic as syn
-from codi_jax.io_utils import atomic_write_bytes, atomic_write_png, atomic_write_text
 from codi_jax.modality import Alignment, Modality
-from codi_jax.outputs import VIDEO_FPS
 from codi_jax.pipeline import CoDiPipeline, Program, Rows, Settings
+from codi_jax.train import data as train_data
 
 TEXT, IMAGE, VIDEO, AUDIO = Modality.TEXT, Modality.IMAGE, Modality.VIDEO, Modality.AUDIO
 MODALITIES = (TEXT, IMAGE, VIDEO, AUDIO)
@@ -58,21 +62,37 @@ BARS = {"colour": 0.9, "pitch": 0.9}
 DEFAULT_BAR = 0.7
 UNREADABLE_BAR = 0.02  # at most this share of an output modality's outputs unreadable
 NONE = "none"  # the joint column whose outputs were generated alone
+# The attributes of the picture the sound is keyed to (pitch, timbre, rhythm): where the caption
+# does not name them, only latent alignment can make a picture and a sound agree on them.
+KEYED = tuple(visual for visual, _ in syn.SOUND_SOURCE.values())
+# The joint agreement bar on what the condition does not name: `others` at least this much above
+# `self` and above no connectors, with 95 % intervals apart. Do not lower it.
+UNNAMED_GAIN_BAR = 0.3
+
+
+class Prompt(str, enum.Enum):
+  """The text a joint request conditions on."""
+
+  FULL = "full"  # the example's caption: every attribute named
+  PARTIAL = "partial"  # a caption leaving some keyed attributes out (`partial_caption`)
+  NONE = "none"  # nothing: the null token alone (an unconditional joint sample)
 
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-  """What one request of every example asks: its inputs, its outputs and, for joint outputs, the
-  alignment (None: the model's own, which a single output never uses)."""
+  """What one request of every example asks: its inputs, its outputs, for joint outputs the
+  alignment (None: the model's own, which a single output never uses), and its text prompt."""
 
   inputs: tuple[Modality, ...]
   outputs: tuple[Modality, ...]
   alignment: Alignment | None = None
+  prompt: Prompt = Prompt.FULL
 
   @property
   def key(self) -> str:
     name = f"{'+'.join(m.value for m in self.inputs)}->{'+'.join(m.value for m in self.outputs)}"
-    return name if self.alignment is None else f"{name} [{self.alignment.value}]"
+    name = name if self.alignment is None else f"{name} [{self.alignment.value}]"
+    return name if self.prompt is Prompt.FULL else f"{name} ({self.prompt.value} caption)"
 
 
 SINGLE = tuple(Task((i,), (o,)) for i in MODALITIES for o in MODALITIES)
@@ -80,7 +100,12 @@ MULTI = (Task((TEXT, AUDIO), (IMAGE,)), Task((IMAGE, AUDIO), (TEXT,)),
          Task((TEXT, IMAGE), (AUDIO,)), Task((VIDEO, AUDIO), (IMAGE,)))
 JOINT = (((TEXT,), (IMAGE, AUDIO)), ((TEXT,), (VIDEO, AUDIO)))
 ALIGNMENTS = (Alignment.OTHERS, Alignment.SELF)
-TASKS = SINGLE + MULTI + tuple(Task(i, o, a) for i, o in JOINT for a in ALIGNMENTS)
+# Joint generation from a partial caption or from nothing, with each output alone beside it.
+UNNAMED = tuple(Task(i, o, a, p) for p in (Prompt.PARTIAL, Prompt.NONE) for i, o in JOINT
+                for a in ALIGNMENTS) + tuple(
+    Task((TEXT,), (o,), None, p) for p in (Prompt.PARTIAL, Prompt.NONE)
+    for o in dict.fromkeys(o for _, outs in JOINT for o in outs))
+TASKS = SINGLE + MULTI + tuple(Task(i, o, a) for i, o in JOINT for a in ALIGNMENTS) + UNNAMED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,9 +116,15 @@ class Request:
   index: int  # the example's position in the evaluated list
   example: syn.SyntheticExample
   seed: int
+  caption: str | None = None  # the text input of a partial-caption task (`partial_caption`)
 
   def inputs(self) -> dict[Modality, Any]:
-    return {m: getattr(self.example, m.value) for m in self.task.inputs}
+    """The request's inputs. An unconditional task still passes the caption, which the
+    generator replaces by the null condition (`Prompt.NONE`)."""
+    out = {m: getattr(self.example, m.value) for m in self.task.inputs}
+    if self.task.prompt is Prompt.PARTIAL:
+      out[TEXT] = self.caption
+    return out
 
 
 # One {output modality: media} per request, in request order: image uint8 [H, W, 3], video uint8
@@ -106,11 +137,9 @@ Generate = Callable[[Sequence[Request]], list[Mapping[Modality, Any]]]
 
 
 def dataset_config(config: ml_collections.ConfigDict) -> syn.SyntheticConfig:
-  """The synthetic dataset as the training stages read it (`codi_jax.train.data.sources`)."""
-  d = config.data
-  return syn.SyntheticConfig(image_size=max(32, d.image_size), num_frames=d.num_frames,
-                             audio_seconds=max(0.5, d.audio_samples / SAMPLE_RATE),
-                             seed=config.seed)
+  """The synthetic dataset as the training stages read it (`train.data.synthetic_config`),
+  without minimal pairs: held-out examples are drawn independently."""
+  return dataclasses.replace(train_data.synthetic_config(config), minimal_pairs=False)
 
 
 def load_examples(config: ml_collections.ConfigDict, split: str, num_examples: int
@@ -136,6 +165,19 @@ def load_examples(config: ml_collections.ConfigDict, split: str, num_examples: i
         ex, image=preprocess.from_unit_range(image), video=preprocess.from_unit_range(video),
         audio=preprocess.fit_audio(ex.audio, d.audio_samples)))
   return examples
+
+
+def partial_caption(example: syn.SyntheticExample, seed: int, index: int
+                    ) -> tuple[str, tuple[str, ...]]:
+  """(caption, the keyed attributes it leaves out) of example `index` for the partial-caption
+  tasks: a random non-empty subset of `KEYED` left out, everything else named; a pure function
+  of (seed, index)."""
+  rng = np.random.default_rng(np.random.SeedSequence((seed, index, 2)))
+  left_out = ()
+  while not left_out:
+    left_out = tuple(a for a in KEYED if rng.random() < 0.5)
+  named = [a for a in syn.VISUAL_ATTRIBUTES if a not in left_out]
+  return syn.caption(example.attributes, rng, named), left_out
 
 
 def example_seed(seed: int, index: int) -> int:
@@ -214,8 +256,68 @@ def _io(task: Task) -> dict[str, list[str]]:
   return dict(inputs=[m.value for m in task.inputs], outputs=[m.value for m in task.outputs])
 
 
-def score(examples: Sequence[syn.SyntheticExample], analyses: Analyses) -> dict[str, Any]:
-  """The three sections and the summary from every task's analyses (see the module docstring)."""
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+  """The 95 % (z = 1.96) Wilson score interval of a rate of `hits` in `n`."""
+  if n == 0:
+    return 0.0, 1.0
+  p, z2 = hits / n, z * z
+  centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+  half = z * np.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+  return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def _rate(outcomes: Sequence[bool], chances: Sequence[float]) -> dict[str, Any]:
+  hits, n = int(sum(outcomes)), len(outcomes)
+  low, high = wilson_interval(hits, n)
+  return dict(agreement=hits / n if n else 0.0, low=low, high=high, hits=hits, n=n,
+              chance=float(np.mean(chances)) if n else 0.0)
+
+
+def _unnamed_agreement(analyses: Analyses, left_out: Sequence[tuple[str, ...]]
+                       ) -> dict[str, Any]:
+  """Per joint pair and prompt (partial, none): per column (others, self, none) the agreement of
+  the two outputs on the keyed attributes the prompt leaves out, pooled over examples."""
+  outputs_of = lambda key, m: [a[m.value] for a in analyses[key]]
+  section = {}
+  for inputs, outputs in JOINT:
+    for prompt in (Prompt.PARTIAL, Prompt.NONE):
+      names = left_out if prompt is Prompt.PARTIAL else [KEYED] * len(left_out)
+      columns = {}
+      for alignment in ALIGNMENTS + (None,):
+        if alignment is None:
+          keys = {o: Task(inputs, (o,), None, prompt).key for o in outputs}
+        else:
+          keys = dict.fromkeys(outputs, Task(inputs, outputs, alignment, prompt).key)
+        a, b = (outputs_of(keys[o], o) for o in outputs)
+        agree = [analyzers.agreement(x, y) for x, y in zip(a, b)]
+        columns[NONE if alignment is None else alignment.value] = _rate(
+            [g[n] for g, ns in zip(agree, names) for n in ns],
+            [analyzers.CHANCE[n] for ns in names for n in ns])
+      section[Task(inputs, outputs, None, prompt).key] = dict(
+          _io(Task(inputs, outputs)), prompt=prompt.value, alignments=columns)
+  return section
+
+
+def _unnamed_summary(section: Mapping[str, Any]) -> dict[str, Any]:
+  """The unnamed-attribute agreement pooled over every pair and prompt, against the bar."""
+  pooled = {}
+  for col in (Alignment.OTHERS.value, Alignment.SELF.value, NONE):
+    cells = [e["alignments"][col] for e in section.values()]
+    hits, n = sum(c["hits"] for c in cells), sum(c["n"] for c in cells)
+    low, high = wilson_interval(hits, n)
+    pooled[col] = dict(agreement=hits / n if n else 0.0, low=low, high=high, n=n)
+  others = pooled[Alignment.OTHERS.value]
+  rivals = [pooled[Alignment.SELF.value], pooled[NONE]]
+  gap = others["agreement"] - max(r["agreement"] for r in rivals)
+  apart = all(others["low"] > r["high"] for r in rivals)
+  return dict(pooled, gap=gap, bar=UNNAMED_GAIN_BAR, intervals_apart=apart,
+              met=gap >= UNNAMED_GAIN_BAR and apart)
+
+
+def score(examples: Sequence[syn.SyntheticExample], analyses: Analyses,
+          left_out: Sequence[tuple[str, ...]]) -> dict[str, Any]:
+  """The sections and the summary from every task's analyses (see the module docstring);
+  `left_out`: per example the keyed attributes its partial caption leaves out."""
   truths = [e.attributes for e in examples]
   outputs_of = lambda key, m: [a[m.value] for a in analyses[key]]
   single = {}
@@ -250,10 +352,13 @@ def score(examples: Sequence[syn.SyntheticExample], analyses: Analyses) -> dict[
           accuracy={o.value: _accuracy(per_output[o], truths, scored_attributes(inputs, o))
                     for o in outputs})
     joint[Task(inputs, outputs).key] = dict(_io(Task(inputs, outputs)), alignments=columns)
-  return dict(single=single, multi=multi, joint=joint, summary=_summary(single, joint))
+  unnamed = _unnamed_agreement(analyses, left_out)
+  return dict(single=single, multi=multi, joint=joint, unnamed=unnamed,
+              summary=_summary(single, joint, unnamed))
 
 
-def _summary(single: Mapping[str, Any], joint: Mapping[str, Any]) -> dict[str, Any]:
+def _summary(single: Mapping[str, Any], joint: Mapping[str, Any], unnamed: Mapping[str, Any]
+             ) -> dict[str, Any]:
   attributes = {}
   for name in ATTRIBUTES:
     scoring = {k: e for k, e in single.items() if name in e["accuracy"]}
@@ -281,9 +386,12 @@ def _summary(single: Mapping[str, Any], joint: Mapping[str, Any]) -> dict[str, A
           for col in (Alignment.OTHERS.value, Alignment.SELF.value, NONE)}
   gap = mean[Alignment.OTHERS.value] - mean[Alignment.SELF.value]
   agreement = dict(mean, met=gap > 0, gap=gap)
+  unnamed_agreement = _unnamed_summary(unnamed)
   return dict(attributes=attributes, outputs=outputs, joint_agreement=agreement,
+              unnamed_agreement=unnamed_agreement,
               all_met=(all(a["met"] for a in attributes.values()) and agreement["met"]
-                       and all(o["met"] for o in outputs.values())))
+                       and all(o["met"] for o in outputs.values())
+                       and unnamed_agreement["met"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,6 +431,11 @@ class PipelineGenerator:
     return self.pipe.plan(request.task.inputs, request.task.outputs, seed=request.seed,
                           alignment=request.task.alignment, **self.options)
 
+  def _prepare(self, settings: Settings, request: Request) -> Rows:
+    """A request's rows; an unconditional one (`Prompt.NONE`) conditions on its null token."""
+    rows = self.pipe.prepare(settings, request.inputs())
+    return rows._replace(cond=rows.uncond) if request.task.prompt is Prompt.NONE else rows
+
   def __call__(self, requests: Sequence[Request]) -> list[dict[Modality, Any]]:
     start = time.perf_counter()
     settings = [self.plan(r) for r in requests]  # every request checked before model work
@@ -339,8 +452,7 @@ class PipelineGenerator:
       bar.set_postfix_str(_describe(program))
       if program not in self._fns:
         self._fns[program] = jax.jit(self.pipe.program_fn(program))
-      rows = stack_rows([self.pipe.prepare(settings[i], requests[i].inputs()) for i in members],
-                        slots)
+      rows = stack_rows([self._prepare(settings[i], requests[i]) for i in members], slots)
       raw = self._fns[program](self.pipe.program_params(program), rows)
       raw = jax.tree_util.tree_map(np.asarray, raw)
       for k, i in enumerate(members):
@@ -369,7 +481,9 @@ def run_benchmark(config: ml_collections.ConfigDict, generate: Generate, *, num_
   start = time.perf_counter()
   examples = load_examples(config, split, num_examples)
   seeds = [example_seed(seed, i) for i in range(num_examples)]
-  requests = [Request(task, i, ex, seeds[i]) for task in TASKS for i, ex in enumerate(examples)]
+  partial = [partial_caption(ex, seed, i) for i, ex in enumerate(examples)]
+  requests = [Request(task, i, ex, seeds[i], partial[i][0])
+              for task in TASKS for i, ex in enumerate(examples)]
   generate_start = time.perf_counter()
   generated = generate(requests)
   if len(generated) != len(requests):
@@ -383,7 +497,7 @@ def run_benchmark(config: ml_collections.ConfigDict, generate: Generate, *, num_
     if missing:
       raise ValueError(f"the generator gave no {missing} for {r.task.key} on example {r.index}")
     analyses[r.task.key][r.index] = {m.value: analyze(m, out[m]) for m in r.task.outputs}
-  result = score(examples, analyses)
+  result = score(examples, analyses, [left_out for _, left_out in partial])
   d = config.data
   result["settings"] = dict(
       num_examples=num_examples, seed=seed, split=split, image_size=int(d.image_size),
@@ -391,11 +505,13 @@ def run_benchmark(config: ml_collections.ConfigDict, generate: Generate, *, num_
       dataset=dataclasses.asdict(dataset_config(config)), **dict(settings or {}))
   result["chance"] = dict(analyzers.CHANCE)
   result["examples"] = [dict(index=i, key=ex.key, seed=seeds[i], text=ex.text,
+                             partial_caption=partial[i][0], left_out=list(partial[i][1]),
                              attributes=ex.attributes.as_dict()) for i, ex in enumerate(examples)]
   result["analyses"] = analyses
   result["seconds"] = dict(generate=generate_s, total=time.perf_counter() - start)
   if gallery is not None:
     shown = [(r, out) for r, out in zip(requests, generated) if r.index < gallery_examples]
+    from codi_jax.eval_report import write_gallery  # it reads this module's tables
     write_gallery(gallery, result, examples[:gallery_examples], shown)
   return result
 
@@ -406,7 +522,7 @@ def evaluate(pipeline: CoDiPipeline, *, num_examples: int = 32, ddim_steps: int 
              gallery: str | os.PathLike | None = None, gallery_examples: int = 2
              ) -> dict[str, Any]:
   """The benchmark of `pipeline` (see the module docstring); a JSON-able dict, printable with
-  `format_report`. `gallery`: a folder for `index.html` with the first `gallery_examples`."""
+  `eval_report.format_report`. `gallery`: a folder for `index.html` with the first `gallery_examples`."""
   generate = PipelineGenerator(pipeline, ddim_steps=ddim_steps, guidance_scale=guidance_scale,
                                batch_size=batch_size, progress=progress)
   settings = dict(ddim_steps=ddim_steps, guidance_scale=guidance_scale, batch_size=batch_size,
@@ -417,149 +533,3 @@ def evaluate(pipeline: CoDiPipeline, *, num_examples: int = 32, ddim_steps: int 
                          gallery_examples=gallery_examples, progress=progress)
   result["generation"] = dict(generate.stats)
   return result
-
-
-# ---------------------------------------------------------------------------------------------
-# Report.
-
-
-def _cells(values: Mapping[str, float | None], width: int = 9) -> str:
-  return "".join(f"{'-' if values.get(a) is None else f'{values[a]:.2f}':>{width}}"
-                 for a in ATTRIBUTES)
-
-
-def _header(title: str, width: int) -> str:
-  return f"{title:<{width}}" + "".join(f"{a:>9}" for a in ATTRIBUTES)
-
-
-def format_report(result: Mapping[str, Any]) -> str:
-  """The three tables and the summary against the bars, as printable text."""
-  s = result["settings"]
-  lines = [f"Any-to-any benchmark: {s['num_examples']} {s['split']} examples, seed {s['seed']}"
-           + (f", {s['ddim_steps']} DDIM steps, guidance {s['guidance_scale']}"
-              if "ddim_steps" in s else ""), ""]
-  w = 26
-  lines += ["1. Single input -> single output: attribute accuracy ('-': not scored)",
-            _header("pair", w), f"{'chance':<{w}}" + _cells(result["chance"])]
-  lines += [f"{k:<{w}}" + _cells(e["accuracy"]) for k, e in result["single"].items()]
-  lines += ["", "2. Multi-input conditioning versus each input alone",
-            _header("inputs -> output", w)]
-  for key, e in result["multi"].items():
-    lines.append(f"{key:<{w}}" + _cells(e["accuracy"]))
-    lines += [f"{'  ' + m + ' alone':<{w}}" + _cells(acc) for m, acc in e["alone"].items()]
-  lines += ["", "3. Joint generation: agreement of the outputs and each one's accuracy "
-            "(none: each output alone)", _header("task / alignment", w)]
-  for key, e in result["joint"].items():
-    lines.append(key)
-    for col, c in e["alignments"].items():
-      lines.append(f"{'  ' + col + ' agreement':<{w}}" + _cells(c["agreement"]))
-      lines += [f"{'  ' + col + ' ' + m:<{w}}" + _cells(acc) for m, acc in c["accuracy"].items()]
-    lines.append("  mean agreement: " + ", ".join(
-        f"{col} {c['mean_agreement']:.2f}" for col, c in e["alignments"].items()))
-  lines += ["", "4. Single pairs: share of outputs the analyzers could not read (counted wrong "
-            "above)", _header("pair", w)]
-  lines += [f"{k:<{w}}" + _cells(e["unreadable"]) for k, e in result["single"].items()]
-  lines += ["", "Summary: accuracy = mean over the single pairs scoring the attribute; unread = "
-            "the share unreadable; readable = accuracy among the readable; bar = the accuracy "
-            "required",
-            f"{'attribute':<10}{'accuracy':>9}{'unread':>8}{'readable':>9}{'chance':>8}{'bar':>6}"
-            "  status"]
-  for name, a in result["summary"]["attributes"].items():
-    status = "met" if a["met"] else "NOT met"
-    readable = "-" if a["readable_accuracy"] is None else f"{a['readable_accuracy']:.2f}"
-    lines.append(f"{name:<10}{a['accuracy']:>9.2f}{a['unreadable']:>8.2f}{readable:>9}"
-                 f"{a['chance']:>8.2f}{a['bar']:>6.2f}  {status} ({a['gap']:+.2f}; worst "
-                 f"{a['worst_pair']} {a['worst_accuracy']:.2f})")
-  for m, o in result["summary"]["outputs"].items():
-    accuracy = ", ".join(f"{n} {v:.2f}" for n, v in o["accuracy"].items())
-    lines.append(f"{m} outputs: {o['unreadable']:.2f} unreadable (bar <= {o['unreadable_bar']:.2f}"
-                 f": {'met' if o['met'] else 'NOT met'}); accuracy from every input: {accuracy}")
-  j = result["summary"]["joint_agreement"]
-  lines.append(f"joint agreement: others {j['others']:.2f} vs self {j['self']:.2f} (none "
-               f"{j['none']:.2f}): {'met' if j['met'] else 'NOT met'} ({j['gap']:+.2f}; bar: "
-               "others > self)")
-  lines.append("all bars met" if result["summary"]["all_met"] else "some bars NOT met")
-  return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# Gallery.
-
-
-def _slug(text: str) -> str:
-  return re.sub(r"[^a-z0-9]+", "_", text.lower().replace("->", " to ")).strip("_")
-
-
-def _write_media(folder: pathlib.Path, name: str, m: Modality, value: Any) -> str | None:
-  """One medium to `folder/name.<ext>` (atomically); returns its file name (None for text)."""
-  if m is IMAGE:
-    return atomic_write_png(folder / f"{name}.png", np.asarray(value, np.uint8)).name
-  if m is VIDEO:
-    data = media.encode_mp4(np.asarray(value, np.uint8), VIDEO_FPS, lossless=False)
-    return atomic_write_bytes(folder / f"{name}.mp4", data).name
-  if m is AUDIO:
-    data = media.encode_wav(np.asarray(value, np.float32), SAMPLE_RATE)
-    return atomic_write_bytes(folder / f"{name}.wav", data).name
-  return None
-
-
-def _figure(m: Modality, value: Any, src: str | None, caption: str) -> str:
-  if m is TEXT:
-    body = f"<blockquote>{html.escape(value)}</blockquote>"
-  elif m is IMAGE:
-    body = f'<img src="{html.escape(src)}" alt="{html.escape(src)}">'
-  elif m is VIDEO:
-    body = f'<video src="{html.escape(src)}" controls loop muted></video>'
-  else:
-    body = f'<audio src="{html.escape(src)}" controls></audio>'
-  return f"<figure>{body}<figcaption>{caption}</figcaption></figure>"
-
-
-def _marks(analysis: Mapping[str, str], truth: Mapping[str, str], names: Sequence[str]) -> str:
-  items = []
-  for n in names:
-    ok = analysis.get(n) == truth[n]
-    items.append(f"<li class={'ok' if ok else 'bad'}>{html.escape(n)}: "
-                 f"{html.escape(str(analysis.get(n)))} {'&#10003;' if ok else '&#10007;'}</li>")
-  return f"<ul>{''.join(items)}</ul>"
-
-
-def write_gallery(directory: str | os.PathLike, result: Mapping[str, Any],
-                  examples: Sequence[syn.SyntheticExample],
-                  shown: Sequence[tuple[Request, Mapping[Modality, Any]]]) -> pathlib.Path:
-  """`directory/index.html`: per example its inputs, then every task's outputs with their
-  analysed attributes, a tick or cross per scored attribute; the report on top. Media files are
-  written atomically under `media/`, the page last."""
-  directory = pathlib.Path(directory)
-  folder = directory / "media"
-  sections = []
-  for i, ex in enumerate(examples):
-    truth = ex.attributes.as_dict()
-    inputs = []
-    for m in MODALITIES:
-      name = _write_media(folder, f"example{i}_input_{m.value}", m, getattr(ex, m.value))
-      inputs.append(_figure(m, getattr(ex, m.value), name and f"media/{name}", f"input {m.value}"))
-    rows = []
-    for request, out in shown:
-      if request.index != i:
-        continue
-      task = request.task
-      cells = []
-      for m in task.outputs:
-        name = _write_media(folder, f"example{i}_{_slug(task.key)}_{m.value}", m, out[m])
-        analysis = result["analyses"][task.key][i][m.value]
-        marks = _marks(analysis, truth, scored_attributes(task.inputs, m))
-        cells.append(_figure(m, out[m], name and f"media/{name}", f"{m.value}{marks}"))
-      rows.append(f"<tr><th>{html.escape(task.key)}</th><td>{''.join(cells)}</td></tr>")
-    facts = ", ".join(f"{k} {v}" for k, v in truth.items())
-    sections.append(f"<h2>example {i} (seed {result['examples'][i]['seed']})</h2>"
-                    f"<p>{html.escape(facts)}</p><div>{''.join(inputs)}</div><table>{''.join(rows)}"
-                    "</table>")
-  page = ("<!doctype html><meta charset=utf-8><title>codi-jax eval</title>"
-          "<style>body{font-family:sans-serif}figure{display:inline-block;margin:6px;"
-          "vertical-align:top}img,video{width:128px;image-rendering:pixelated}"
-          "th{text-align:left;vertical-align:top;padding-right:12px}ul{margin:2px;padding-left:"
-          "16px;font-size:small}.ok{color:green}.bad{color:#b00}blockquote{max-width:320px}"
-          "</style><h1>codi-jax eval: the any-to-any benchmark</h1>"
-          f"<pre>{html.escape(format_report(result))}</pre>{''.join(sections)}\n")
-  return atomic_write_text(directory / "index.html", page)

@@ -287,6 +287,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       # Synthetic only: examples in pairs that differ in one attribute, kept in one batch (hard
       # negatives for align_encoders; `codi_jax.data.synthetic`).
       minimal_pairs=False,
+      # Synthetic only: each visual attribute is left out of a training caption with this
+      # probability (`codi_jax.data.synthetic`): captions that name some attributes, as the
+      # benchmark's partial-caption joint requests do.
+      caption_dropout=0.0,
       tokenizers="",  # CLIP/BERT/GPT-2 vocabulary folder (default: $CODI_TOKENIZERS, else bundled)
       num_workers=0))
 

@@ -2,6 +2,7 @@
 generators built by hand (perfect, wrong, blank), its batched generation against `generate`, and
 the command end to end on the tiny preset with host-side random weights."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from codi_jax import checkpoint
+from codi_jax import eval_report
 from codi_jax import evaluate as ev
 from codi_jax.data import analyzers
 from codi_jax.data import synthetic as syn
@@ -70,7 +72,11 @@ def test_scored_attributes(inputs, output, expected):
 def test_tasks_cover_every_pair():
   assert {(t.inputs, t.outputs) for t in ev.SINGLE} == {
       ((i,), (o,)) for i in ev.MODALITIES for o in ev.MODALITIES}
-  assert len({t.key for t in ev.TASKS}) == len(ev.TASKS) == 16 + len(ev.MULTI) + 2 * len(ev.JOINT)
+  # Joint pairs with full captions; from partial ones and from none, joint and each output alone.
+  unnamed = 2 * (2 * len(ev.JOINT) + 3)
+  assert len(ev.UNNAMED) == unnamed
+  assert len({t.key for t in ev.TASKS}) == len(ev.TASKS) == (
+      16 + len(ev.MULTI) + 2 * len(ev.JOINT) + unnamed)
 
 
 @pytest.mark.parametrize("config", [get_config("tiny"), _small_config()], ids=["tiny", "small"])
@@ -135,8 +141,11 @@ def test_perfect_generator_scores_one(perfect):
   assert all(v == 1.0 for o in summary["outputs"].values() for v in o["accuracy"].values())
   # Equal agreement is not "others above self".
   assert summary["joint_agreement"] == dict(others=1.0, self=1.0, none=1.0, met=False, gap=0.0)
+  unnamed = summary["unnamed_agreement"]
+  assert [unnamed[c]["agreement"] for c in ("others", "self", "none")] == [1.0, 1.0, 1.0]
+  assert (unnamed["gap"], unnamed["met"]) == (0.0, False)
   assert not summary["all_met"]
-  report = ev.format_report(result)
+  report = eval_report.format_report(result)
   assert "colour         1.00    0.00     1.00    0.17  0.90  met (+0.10" in report
   assert "joint agreement: others 1.00 vs self 1.00 (none 1.00): NOT met (+0.00" in report
   json.dumps(result)  # JSON-able as it is
@@ -148,7 +157,9 @@ def test_gallery_marks_every_scored_attribute(perfect):
   ticks = sum(len(ev.scored_attributes(t.inputs, m)) for t in ev.TASKS for m in t.outputs)
   assert page.count("&#10003;") == ticks and "&#10007;" not in page
   for t in ev.TASKS:
-    assert f"<th>{t.key.replace('>', '&gt;')}</th>" in page
+    assert f"<th>{t.key.replace('>', '&gt;')}" in page
+  partial = result["examples"][0]["partial_caption"].replace("'", "&#x27;")
+  assert f"<q>{partial}</q>" in page and "(no prompt)" in page
   media = {p.name for p in (gallery / "media").iterdir()}
   assert {"example0_input_image.png", "example0_input_video.mp4", "example0_input_audio.wav",
           "example0_text_to_image_audio_others_audio.wav",
@@ -189,7 +200,7 @@ def test_wrong_generators_score_zero():
   assert set(text["readable_accuracy"].values()) == {None}
   outputs = result["summary"]["outputs"]
   assert outputs["text"]["unreadable"] == 1.0 and not outputs["text"]["met"]
-  assert "text outputs: 1.00 unreadable (bar <= 0.02: NOT met)" in ev.format_report(result)
+  assert "text outputs: 1.00 unreadable (bar <= 0.02: NOT met)" in eval_report.format_report(result)
 
 
 def test_pipeline_generator_batches_like_generate(tmp_path):
@@ -211,6 +222,14 @@ def test_pipeline_generator_batches_like_generate(tmp_path):
     diff = np.abs(out[I].astype(int) - alone.image[0].astype(int))
     assert out[I].shape == (32, 32, 3) and diff.max() <= 2, (r.index, diff.max())
   assert not np.array_equal(outputs[0][I], outputs[1][I])
+  # An unconditional request conditions on its null token; a partial one on its own caption.
+  joint = ev.Task((T,), (I, A), Alignment.OTHERS, ev.Prompt.NONE)
+  none = ev.Request(joint, 0, examples[0], 1, "a red shape")
+  rows = generate._prepare(generate.plan(none), none)
+  assert np.array_equal(rows.cond, rows.uncond)
+  partial = dataclasses.replace(none, task=dataclasses.replace(joint, prompt=ev.Prompt.PARTIAL))
+  rows = generate._prepare(generate.plan(partial), partial)
+  assert not np.allclose(rows.cond, rows.uncond)
   with pytest.raises(ValueError, match="batch_size must be a positive integer"):
     ev.PipelineGenerator(pipe, ddim_steps=2, guidance_scale=5.0, batch_size=0)
 
@@ -252,7 +271,9 @@ def test_cli_end_to_end(cli_run):
   for section in ("1. Single input", "2. Multi-input", "3. Joint generation", "Summary",
                   "joint agreement: others"):
     assert section in proc.stdout
-  assert proc.stdout.count("met (") == len(ev.ATTRIBUTES) + 1
+  assert proc.stdout.count("met (") == len(ev.ATTRIBUTES) + 2
+  assert sorted(result["unnamed"]) == sorted(
+      ev.Task(i, o, None, p).key for i, o in ev.JOINT for p in (ev.Prompt.PARTIAL, ev.Prompt.NONE))
   page = (folder / "gallery" / "index.html").read_text()
   assert "example 0" in page and "example 1" not in page
   assert (folder / "gallery" / "media" / "example0_text_to_video_video.mp4").stat().st_size > 0
@@ -273,3 +294,55 @@ def test_alignment_columns_name_real_tasks():
     for a in (Alignment.OTHERS, Alignment.SELF):
       assert ev.Task(inputs, outputs, a).key in keys
     assert all(ev.Task(inputs, (o,)).key in keys for o in outputs)
+
+
+def test_wilson_interval_closed_forms():
+  assert ev.wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+  assert ev.wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+  assert ev.wilson_interval(40, 40)[1] == 1.0 and ev.wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_partial_captions_leave_keyed_attributes_unnamed():
+  examples = ev.load_examples(get_config("tiny"), "test", 8)
+  for i, ex in enumerate(examples):
+    text, left_out = ev.partial_caption(ex, 3, i)
+    assert (text, left_out) == ev.partial_caption(ex, 3, i)
+    assert left_out and set(left_out) <= set(ev.KEYED)
+    read = analyzers.analyze_text(text)
+    truth = ex.attributes.as_dict()
+    for name in syn.VISUAL_ATTRIBUTES:
+      assert read[name] == (analyzers.UNKNOWN if name in left_out else truth[name]), (text, name)
+
+
+def test_only_aligned_joint_outputs_agree_on_what_the_prompt_leaves_out():
+  """A stand-in whose joint `others` outputs come from one example but whose `self` and single
+  outputs take the audio of an example that differs in everything: the unnamed-attribute bar is
+  met, and only there."""
+  config = get_config("tiny")
+  visual = lambda ex: [getattr(ex.attributes, n) for n in syn.VISUAL_ATTRIBUTES]
+  train = ev.load_examples(config, "train", 48)
+  test = ev.load_examples(config, "test", 12)
+  wrong = {ex.key: next(t for t in train if all(a != b for a, b in zip(visual(t), visual(ex))))
+           for ex in test}
+  seen = []
+
+  def generate(requests):
+    out = []
+    for r in requests:
+      seen.append((r.task.prompt, r.inputs().get(T), r.caption, r.example.text))
+      aligned = r.task.alignment is Alignment.OTHERS
+      out.append({m: getattr(r.example if m is not A or aligned else wrong[r.example.key],
+                             m.value) for m in r.task.outputs})
+    return out
+
+  result = ev.run_benchmark(config, generate, num_examples=12, seed=0, progress=False)
+  assert all(text == caption for p, text, caption, _ in seen if p is ev.Prompt.PARTIAL)
+  assert all(text == full for p, text, _, full in seen if p is not ev.Prompt.PARTIAL and text)
+  unnamed = result["summary"]["unnamed_agreement"]
+  assert (unnamed["others"]["agreement"], unnamed["self"]["agreement"],
+          unnamed["none"]["agreement"]) == (1.0, 0.0, 0.0)
+  assert unnamed["met"] and unnamed["intervals_apart"] and unnamed["gap"] == 1.0
+  left_out = sum(len(e["left_out"]) for e in result["examples"])
+  assert unnamed["others"]["n"] == 2 * (left_out + 3 * 12)  # two joint pairs
+  report = eval_report.format_report(result)
+  assert "unnamed-attribute agreement: others 1.00 vs self 0.00 and none 0.00" in report

@@ -199,7 +199,7 @@ def merge_models(workdir: pathlib.Path) -> pathlib.Path:
 
 
 def report_markdown(config, summaries: list[dict], result: dict, seconds: float) -> str:
-  from codi_jax.evaluate import format_report
+  from codi_jax.eval_report import format_report
   from codi_jax.quality.checks import Check, format_table
 
   lines = ["# codi-jax demo report", "",
@@ -222,7 +222,7 @@ def report_markdown(config, summaries: list[dict], result: dict, seconds: float)
 
 def main(argv: list[str]) -> int:
   del argv
-  from codi_jax import evaluate
+  from codi_jax import eval_report, evaluate
   from codi_jax.pipeline import CoDiPipeline
 
   logging.set_verbosity(logging.WARNING)
@@ -246,7 +246,7 @@ def main(argv: list[str]) -> int:
   if common.JSON.value:
     atomic_write_json(common.JSON.value, result)
   atomic_write_text(workdir / "report.md", report_markdown(config, summaries, result, seconds))
-  print(evaluate.format_report(result))
+  print(eval_report.format_report(result))
   print(f"\ndemo done in {seconds / 60:.1f} min. Outputs in {workdir.resolve()}:")
   print("  gallery/index.html  any-to-any examples, inputs beside outputs")
   print("  report.md           training summary and the benchmark (report.json: every number)")

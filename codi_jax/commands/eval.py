@@ -25,7 +25,7 @@ import pathlib
 
 from absl import flags
 
-from codi_jax import evaluate
+from codi_jax import eval_report, evaluate
 from codi_jax.commands import common
 from codi_jax.data import synthetic
 from codi_jax.io_utils import atomic_write_json
@@ -91,7 +91,7 @@ def main(argv: list[str]) -> int:
     result = run()
   except (ValueError, FileNotFoundError) as e:  # media.MediaError is a ValueError
     raise SystemExit(f"codi-jax eval: error: {e}") from None
-  print(evaluate.format_report(result))
+  print(eval_report.format_report(result))
   written = [f"JSON {pathlib.Path(common.JSON.value).resolve()}" if common.JSON.value else "",
              f"gallery {pathlib.Path(OUT.value).resolve() / 'index.html'}" if OUT.value else ""]
   written = [w for w in written if w]

@@ -39,6 +39,7 @@ import enum
 import functools
 import math
 import zlib
+from typing import Sequence
 
 import numpy as np
 
@@ -156,6 +157,9 @@ class SyntheticConfig:
   validation_size: int = 256
   test_size: int = 256
   minimal_pairs: bool = False  # see the module docstring
+  # Training split only: each visual attribute is left out of the caption with this probability
+  # (independently; at least one stays named). See the module docstring.
+  caption_dropout: float = 0.0
 
   def __post_init__(self):
     ints = {"image_size": self.image_size, "num_frames": self.num_frames,
@@ -164,6 +168,9 @@ class SyntheticConfig:
     for name, value in ints.items():
       if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"SyntheticConfig.{name} must be an integer, got {value!r}")
+    if not (isinstance(self.caption_dropout, (int, float)) and 0.0 <= self.caption_dropout < 1.0):
+      raise ValueError(f"SyntheticConfig.caption_dropout must lie in [0, 1), got "
+                       f"{self.caption_dropout!r}")
     if not isinstance(self.minimal_pairs, bool):
       raise ValueError(f"SyntheticConfig.minimal_pairs must be a bool, got {self.minimal_pairs!r}")
     if self.image_size < 32:
@@ -252,6 +259,8 @@ class SyntheticExample:
   video: np.ndarray
   audio: np.ndarray
   attributes: Attributes
+  # The visual attributes the caption names (all of them unless `caption_dropout` left some out).
+  named: tuple[str, ...] = tuple(VISUAL_ATTRIBUTES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,7 +326,8 @@ def generate(config: SyntheticConfig, split: str, index: int,
     scene = _sample_scene(rng, _one_changed(partner, rng))
   else:
     scene = _sample_scene(rng)
-  text = caption(scene.attributes, rng)
+  named = _caption_attributes(config, split, int(index))
+  text = caption(scene.attributes, rng, named)
   return SyntheticExample(
       key=f"synthetic-s{config.seed}-{split}-{int(index):07d}",
       text=text,
@@ -328,7 +338,22 @@ def generate(config: SyntheticConfig, split: str, index: int,
       audio=(_render_audio(scene, config.sample_rate, config.num_samples) if "audio" in media
              else np.zeros((0,), np.float32)),
       attributes=scene.attributes,
+      named=named,
   )
+
+
+def _caption_attributes(config: SyntheticConfig, split: str, index: int) -> tuple[str, ...]:
+  """The visual attributes example `index`'s caption names: all, or under `caption_dropout`
+  (training split) a random subset of at least one, drawn from a stream of its own so the
+  example's scene and media are those it has without dropout."""
+  if split != "train" or not config.caption_dropout:
+    return tuple(VISUAL_ATTRIBUTES)
+  rng = np.random.default_rng(np.random.SeedSequence(
+      (config.seed, zlib.crc32(split.encode()), index, 1)))
+  kept = rng.random(len(VISUAL_ATTRIBUTES)) >= config.caption_dropout
+  if not kept.any():
+    kept[int(rng.integers(len(VISUAL_ATTRIBUTES)))] = True
+  return tuple(name for name, k in zip(VISUAL_ATTRIBUTES, kept) if k)
 
 
 def _pick(rng: np.random.Generator, options):
@@ -509,19 +534,40 @@ _TEMPLATES = (
 )
 
 
-def caption(attributes: Attributes, rng: np.random.Generator) -> str:
-  """A caption naming all visual attributes, with a random template and random synonyms."""
+# Captions that name only some attributes: the noun phrase (size, colour, then the shape or a
+# neutral noun), then where it is, then how it moves, each only when named.
+_NEUTRAL_NOUNS = ("shape", "object", "thing")
+_PARTIAL_TEMPLATES = ("A {noun}{position}{motion}.", "There is a {noun}{position}{motion}.",
+                      "{noun}{position}{motion}")
+
+
+def caption(attributes: Attributes, rng: np.random.Generator,
+            named: Sequence[str] = tuple(VISUAL_ATTRIBUTES)) -> str:
+  """A caption naming the visual attributes `named` (default all, at least one), with a random
+  template and random synonyms. The others are not named at all: `analyzers.analyze_text`
+  reads them as unknown."""
+  named = set(named)
+  if not named or named - set(VISUAL_ATTRIBUTES):
+    raise ValueError(f"caption: named must be a non-empty subset of {list(VISUAL_ATTRIBUTES)}, "
+                     f"got {sorted(named)}")
   vertical, horizontal = attributes.position.value.split("-")
   position = _pick(rng, _POSITION_PHRASES).format(v=_pick(rng, VERTICAL_WORDS[vertical]),
                                                    h=horizontal)
   motion_options = [f"{verb} {direction}" for verb in MOTION_VERBS
                     for direction in MOTION_DIRECTIONS[attributes.motion]]
   motion_options += MOTION_ONLY_VERBS.get(attributes.motion, ())
-  text = _pick(rng, _TEMPLATES).format(
-      size=_pick(rng, SIZE_WORDS[attributes.size]),
-      colour=_pick(rng, COLOUR_WORDS[attributes.colour]),
-      shape=_pick(rng, SHAPE_WORDS[attributes.shape]),
-      position=position,
-      motion=_pick(rng, motion_options),
-  )
+  full = named == set(VISUAL_ATTRIBUTES)
+  template = _pick(rng, _TEMPLATES if full else _PARTIAL_TEMPLATES)
+  words = dict(size=_pick(rng, SIZE_WORDS[attributes.size]),
+               colour=_pick(rng, COLOUR_WORDS[attributes.colour]),
+               shape=_pick(rng, SHAPE_WORDS[attributes.shape]),
+               position=position, motion=_pick(rng, motion_options))
+  if full:
+    text = template.format(**words)
+  else:
+    noun = " ".join([words[a] for a in ("size", "colour") if a in named]
+                    + [words["shape"] if "shape" in named else _pick(rng, _NEUTRAL_NOUNS)])
+    text = template.format(
+        noun=noun, position=f" {position}" if "position" in named else "",
+        motion=f", {words['motion']}" if "motion" in named else "")
   return text[0].upper() + text[1:]

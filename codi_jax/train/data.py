@@ -81,7 +81,7 @@ def synthetic_config(config: ml_collections.ConfigDict) -> synthetic.SyntheticCo
   return synthetic.SyntheticConfig(
       image_size=max(32, d.image_size), num_frames=d.num_frames,
       audio_seconds=max(0.5, d.audio_samples / 16000), seed=config.seed,
-      minimal_pairs=d.minimal_pairs)
+      minimal_pairs=d.minimal_pairs, caption_dropout=d.caption_dropout)
 
 
 def cache_paths(config: ml_collections.ConfigDict) -> tuple[str, ...]:

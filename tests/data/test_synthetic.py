@@ -377,3 +377,30 @@ def test_only_the_requested_media_are_rendered_and_they_do_not_change():
   np.testing.assert_array_equal(syn.SplitSource(config, "train", ("video",))[3].video, full.video)
   with pytest.raises(ValueError, match="unknown media"):
     syn.generate(config, "train", 3, ("smell",))
+
+
+def test_caption_dropout_names_a_subset_and_keeps_the_scene():
+  base = syn.SyntheticConfig()
+  dropped = syn.SyntheticConfig(caption_dropout=0.5)
+  sizes = set()
+  for i in range(40):
+    full, partial = syn.generate(base, "train", i), syn.generate(dropped, "train", i)
+    assert full.named == tuple(syn.VISUAL_ATTRIBUTES)
+    assert partial.named and set(partial.named) <= set(syn.VISUAL_ATTRIBUTES)
+    sizes.add(len(partial.named))
+    # The same scene and media: only the caption changes.
+    assert partial.attributes == full.attributes
+    assert np.array_equal(partial.image, full.image) and np.array_equal(partial.audio, full.audio)
+    if partial.named == full.named:
+      assert partial.text == full.text
+    read, truth = an.analyze_text(partial.text), partial.attributes.as_dict()
+    for name in syn.VISUAL_ATTRIBUTES:
+      want = truth[name] if name in partial.named else an.UNKNOWN
+      assert read[name] == want, (partial.text, name)
+  assert len(sizes) >= 3  # subsets of several sizes
+  # Held-out splits keep full captions.
+  assert syn.generate(dropped, "test", 3).text == syn.generate(base, "test", 3).text
+  with pytest.raises(ValueError, match="caption_dropout must lie in"):
+    syn.SyntheticConfig(caption_dropout=1.0)
+  with pytest.raises(ValueError, match="named must be a non-empty subset"):
+    syn.caption(full.attributes, np.random.default_rng(0), ())
