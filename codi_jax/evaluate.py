@@ -522,7 +522,8 @@ def evaluate(pipeline: CoDiPipeline, *, num_examples: int = 32, ddim_steps: int 
              gallery: str | os.PathLike | None = None, gallery_examples: int = 2
              ) -> dict[str, Any]:
   """The benchmark of `pipeline` (see the module docstring); a JSON-able dict, printable with
-  `eval_report.format_report`. `gallery`: a folder for `index.html` with the first `gallery_examples`."""
+  `eval_report.format_report`. `gallery`: a folder for `index.html` with the first
+  `gallery_examples`."""
   generate = PipelineGenerator(pipeline, ddim_steps=ddim_steps, guidance_scale=guidance_scale,
                                batch_size=batch_size, progress=progress)
   settings = dict(ddim_steps=ddim_steps, guidance_scale=guidance_scale, batch_size=batch_size,

@@ -17,9 +17,10 @@ Encoder weights: the image/audio VAEs, Optimus, CLIP and CLAP parts of the check
 (`codi-jax convert` or training output, e.g. the autoencoders' and align_encoders' models;
 `cache.load_encoder_params`, checked against --config), with their latent normalisation. A
 training run reads the cache with --config.data.cache=DIR, for its diffusion and latent-alignment
-stages (it refuses a cache made with other weights, sizes or normalisation). Without --ckpt they are random (seed --seed) and a warning says the cache is for
-testing only. Tokenizer vocabularies come from --tokenizers (default $CODI_TOKENIZERS, else
-the ones bundled with codi-jax).
+stages (it refuses a cache made with other weights, sizes or normalisation). Without --ckpt the
+encoders are random (seed --seed) and a warning says the cache is for testing only. Tokenizer
+vocabularies come from --tokenizers (default $CODI_TOKENIZERS, else the ones bundled with
+codi-jax).
 """
 
 from __future__ import annotations

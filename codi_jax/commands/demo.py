@@ -8,8 +8,9 @@ stage by stage, then measures and shows any-to-any generation.
    alignment, the image, video, audio and text diffusers, latent alignment), each in
    `<workdir>/stages/<stage>` with `codi-jax train`'s semantics, initialised from the stages
    before it. Once the encoders are trained, their outputs on the training split are cached
-   (`<workdir>/cache`, `codi-jax cache`) and the later stages read them from there. A finished stage (its `model/` exists) is reused; an interrupted one resumes from
-   its newest checkpoint, so stopping the demo and running it again loses at most a few steps.
+   (`<workdir>/cache`, `codi-jax cache`) and the later stages read them from there. A finished
+   stage (its `model/` exists) is reused; an interrupted one resumes from its newest
+   checkpoint, so stopping the demo and running it again loses at most a few steps.
 2. Merges the stages' models into `<workdir>/model` (a checkpoint `generate`, `sample` and `eval`
    read; later stages win per part).
 3. Runs the any-to-any benchmark (`codi_jax.evaluate`, the same as `codi-jax eval`) on held-out

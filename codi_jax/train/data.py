@@ -4,7 +4,8 @@
 tfds folder) and the fixed shapes; with `config.data.cache` set, the training split of a stage
 whose encoders are frozen reads their outputs from `codi-jax cache` shards instead
 (`cache_examples` writes them; validation and test examples still come from the source). Each
-process reads its own slice of the one global stream (`codi_jax.data.pipeline`) and `place` assembles the global batch over the mesh's batch axes with
+process reads its own slice of the one global stream (`codi_jax.data.pipeline`) and `place`
+assembles the global batch over the mesh's batch axes with
 `jax.make_array_from_process_local_data`. Text becomes fixed-length ids for the three text models
 here (CLIP `clip_length`, BERT `bert_length`, GPT-2 `gpt2_length` with <BOS>/<EOS>/<PAD>);
 strings and keys stay on the host.
@@ -100,18 +101,18 @@ def check_cache(config: ml_collections.ConfigDict, params: Mapping[str, Any]) ->
              for f in cache.shard_files(p)}
   for folder in sorted(folders):
     spec = cache.read_spec(folder)
-    made = spec.get("cache_config", {})
+    sizes = spec.get("cache_config", {})
     for field in ("image_size", "num_frames", "audio_frames", "audio_samples", "latent_mode"):
-      if made.get(field) != want[field]:
-        raise ValueError(f"the cache {folder} was made with {field}={made.get(field)!r}; this "
+      if sizes.get(field) != want[field]:
+        raise ValueError(f"the cache {folder} was made with {field}={sizes.get(field)!r}; this "
                          f"run's training examples need {want[field]!r} (rebuild it with "
                          "`codi-jax cache` and this run's config)")
     for part, (field, _) in latent_stats.LATENT_PARTS.items():
       for name in latent_stats.FIELDS:
-        made = spec.get("model", {}).get(field, {}).get(name)
-        if part in params and (made is None or not np.isclose(made, config.model[field][name],
-                                                              rtol=1e-6)):
-          raise ValueError(f"the cache {folder} holds latents with {field}.{name}={made}; this "
+        theirs = spec.get("model", {}).get(field, {}).get(name)
+        if part in params and (theirs is None or not np.isclose(
+            theirs, config.model[field][name], rtol=1e-6)):
+          raise ValueError(f"the cache {folder} holds latents with {field}.{name}={theirs}; this "
                            f"run normalises them with {config.model[field][name]} (rebuild it "
                            "with `codi-jax cache --ckpt` on the checkpoints this run starts from)")
     theirs = spec.get("encoder_signature") or {}
