@@ -247,3 +247,40 @@ def test_cache_command_uses_checkpoint_weights(setup, tmp_path):
                        cwd=REPO, capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0
   assert "holds ['autokl', 'audioldm_vae', 'optimus', 'clap']" in bad.stderr, bad.stderr
+
+
+def test_records_read_back_exactly_without_np_load():
+  """`deserialize_features` parses the .npy headers itself (np.load's `ast.literal_eval` is not
+  thread-safe on CPython 3.11, and grain reads with threads): every dtype and layout round-trips,
+  and concurrent reads do not fail."""
+  import io
+  import threading
+  rng = np.random.default_rng(0)
+  features = {"key": np.asarray("synthetic-s0-train-0000001"), "caption": np.asarray("A red é."),
+              "f32": rng.normal(size=(3, 4, 2)).astype(np.float32),
+              "f16": rng.normal(size=(2, 3)).astype(np.float16), "i64": np.arange(5),
+              "scalar": np.asarray(np.float32(2.5)),
+              "fortran": np.asfortranarray(rng.normal(size=(3, 2)))}
+  data = cache.serialize_features(features)
+  with np.load(io.BytesIO(data), allow_pickle=False) as want:
+    got = cache.deserialize_features(data)
+    assert set(got) == set(want.files) == set(features)
+    for name in features:
+      assert got[name].dtype == want[name].dtype and got[name].shape == want[name].shape
+      np.testing.assert_array_equal(got[name], want[name])
+  errors = []
+
+  def read():
+    try:
+      for _ in range(200):
+        cache.deserialize_features(data)
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+  threads = [threading.Thread(target=read) for _ in range(6)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert not errors
+  with pytest.raises(ValueError, match="not a .npy array"):
+    cache._read_npy(b"garbage")
