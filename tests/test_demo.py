@@ -67,6 +67,11 @@ def test_stages_run_in_order_each_from_the_ones_before_and_finished_ones_are_reu
   assert {c[1] for c in data_settings if c[0] != "align_encoders"} == {False}
   # The encoders' outputs are cached once, from the two encoder stages, for every later stage.
   assert cache_calls == [["autoencoders", "align_encoders"]]
+  # Stopped in the text diffuser: the cache comes from the same two encoder stages again.
+  cache_calls.clear()
+  shutil.rmtree(tmp_path / "stages" / "diffuse_text" / MODEL_DIR)
+  demo.train_stages(config, tmp_path, steps)
+  assert cache_calls == [["autoencoders", "align_encoders"]]
   assert {c[2] for c in data_settings if c[0] in stages.FROZEN_ENCODER_STAGES} == {
       str(tmp_path / demo.CACHE_DIR)}
 

@@ -122,7 +122,8 @@ def train_stages(config, workdir: pathlib.Path, steps: dict[str, int]) -> list[d
     run_dir = workdir / "stages" / stage
     model_dir = run_dir / MODEL_DIR
     if stage in FROZEN_ENCODER_STAGES and cached is None and not model_dir.is_dir():
-      cached = cache_training_split(config, models, workdir / CACHE_DIR)
+      encoders = [m for s, m in zip(STAGES, models) if s not in FROZEN_ENCODER_STAGES]
+      cached = cache_training_split(config, encoders, workdir / CACHE_DIR)
     if model_dir.is_dir():
       print(f"[{index}/{len(STAGES)}] {stage}: done earlier, reusing {model_dir}")
       summaries.append(_finished_summary(stage, run_dir))
