@@ -43,7 +43,7 @@ import orbax.checkpoint as ocp
 from codi_jax import components
 from codi_jax.convert import buffers, keymap, torch_io
 from codi_jax.diffusion.schedule import ScheduleConfig
-from codi_jax.io_utils import temp_dir
+from codi_jax.io_utils import atomic_write_text, temp_dir
 
 PyTree = Any
 
@@ -182,6 +182,13 @@ def save_model(directory: str | os.PathLike, params: Mapping[str, PyTree], confi
     for part, tree in params.items():
       _save_part(tmp, part, tree)
     (tmp / CONFIG_FILE).write_text(_config_json(config))
+
+
+def save_config(directory: str | os.PathLike, config: Any) -> None:
+  """Replaces a checkpoint's config (atomically), e.g. to record sampling settings chosen after
+  training (`evaluate.sweep_guidance`); the weights are untouched."""
+  load_config(directory)  # it must be a checkpoint already
+  atomic_write_text(pathlib.Path(directory) / CONFIG_FILE, _config_json(config))
 
 
 def _host_float32(x: Any) -> np.ndarray:

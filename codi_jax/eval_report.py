@@ -97,6 +97,17 @@ def format_report(result: Mapping[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def format_sweep(sweep: Mapping[str, Any]) -> str:
+  """One line per guidance scale of `evaluate.sweep_guidance`, the chosen one marked."""
+  lines = [f"Guidance sweep: single pairs on {sweep['num_examples']} {sweep['split']} examples, "
+           f"{sweep['ddim_steps']} DDIM steps (score: mean attribute accuracy)"]
+  for scale, score in sweep["scores"].items():
+    mark = "  <- chosen" if scale == sweep["best"] else ""
+    lines.append(f"  guidance {scale:g}: {score:.3f} ({sweep['unreadable'][scale]:.2f} of "
+                 f"outputs unreadable){mark}")
+  return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------
 # Gallery.
 

@@ -88,8 +88,8 @@ def test_demo_reuses_finished_stages_and_writes_gallery_and_report(tmp_path):
   for stage in stages.STAGES:
     shutil.copytree(seed_model, workdir / "stages" / stage / MODEL_DIR)
   proc = subprocess.run([sys.executable, "-m", "codi_jax.cli", "demo", f"--workdir={workdir}",
-                         "--eval_examples=1", "--ddim_steps=2"], cwd=REPO, capture_output=True,
-                        text=True, timeout=900)
+                         "--eval_examples=1", "--ddim_steps=2", "--sweep_examples=1"], cwd=REPO,
+                        capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert proc.stdout.count("done earlier, reusing") == len(stages.STAGES)
   assert "gallery/index.html" in proc.stdout
@@ -102,3 +102,8 @@ def test_demo_reuses_finished_stages_and_writes_gallery_and_report(tmp_path):
   assert "<img" in page and "<audio" in page and "<video" in page
   markdown = (workdir / "report.md").read_text()
   assert "| latent_align |" in markdown and "colour" in markdown
+  # The guidance sweep ran on validation examples and its choice is the model's and the report's.
+  best = report["guidance_sweep"]["best"]
+  assert best in demo.GUIDANCE_CANDIDATES and report["settings"]["guidance_scale"] == best
+  assert checkpoint.load_config(workdir / MODEL_DIR).sample.guidance_scale == best
+  assert "Guidance sweep" in markdown

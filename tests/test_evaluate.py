@@ -232,6 +232,16 @@ def test_pipeline_generator_batches_like_generate(tmp_path):
   assert not np.allclose(rows.cond, rows.uncond)
   with pytest.raises(ValueError, match="batch_size must be a positive integer"):
     ev.PipelineGenerator(pipe, ddim_steps=2, guidance_scale=5.0, batch_size=0)
+  # The guidance sweep: single pairs at each scale on validation examples, the best recorded.
+  sweep = ev.sweep_guidance(pipe, [1.0, 6.0], num_examples=1, ddim_steps=1, progress=False)
+  assert set(sweep["scores"]) == set(sweep["unreadable"]) == {1.0, 6.0}
+  assert sweep["best"] == max(sweep["scores"], key=sweep["scores"].get)
+  assert all(0.0 <= v <= 1.0 for v in sweep["scores"].values()) and sweep["split"] == "validation"
+  checkpoint.save_model(tmp_path / "ckpt", {"clip": pipe.params["clip"]}, config)
+  ev.record_guidance(tmp_path / "ckpt", dict(sweep, best=3.25))
+  assert checkpoint.load_config(tmp_path / "ckpt").sample.guidance_scale == 3.25
+  assert "guidance 6: " in eval_report.format_sweep(sweep) and "<- chosen" in (
+      eval_report.format_sweep(sweep))
 
 
 @pytest.fixture(scope="module")
@@ -242,6 +252,7 @@ def cli_run(tmp_path_factory):
   proc = subprocess.run(
       [sys.executable, "-m", "codi_jax.cli", "eval", "--ckpt", str(folder / "ckpt"),
        "--num_examples", "2", "--ddim_steps", "2", "--json", str(folder / "eval.json"),
+       "--guidance_sweep", "2,7.5", "--sweep_examples", "1",
        "--out", str(folder / "gallery"), "--gallery_examples", "1"],
       cwd=REPO, capture_output=True, text=True, timeout=900)
   return folder, proc
@@ -251,8 +262,11 @@ def test_cli_end_to_end(cli_run):
   folder, proc = cli_run
   assert proc.returncode == 0, proc.stderr[-3000:]  # a measurement: 0 though the bars fail
   result = json.loads((folder / "eval.json").read_text())
+  best = result["guidance_sweep"]["best"]
+  assert best in (2.0, 7.5) and "Guidance sweep: single pairs on 1 validation" in proc.stdout
+  assert checkpoint.load_config(folder / "ckpt").sample.guidance_scale == best  # recorded
   assert result["settings"] | {"checkpoint": None} == result["settings"] | dict(
-      num_examples=2, ddim_steps=2, guidance_scale=7.5, seed=0, split="test", image_size=32,
+      num_examples=2, ddim_steps=2, guidance_scale=best, seed=0, split="test", image_size=32,
       num_frames=2, audio_seconds=5000 / 16000, checkpoint=None)
   assert result["chance"] == {n: 1 / len(k) for n, k in syn.ATTRIBUTE_VALUES.items()}
   assert sorted(result["single"]) == sorted(t.key for t in ev.SINGLE)

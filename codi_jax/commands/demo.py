@@ -13,8 +13,10 @@ stage by stage, then measures and shows any-to-any generation.
    checkpoint, so stopping the demo and running it again loses at most a few steps.
 2. Merges the stages' models into `<workdir>/model` (a checkpoint `generate`, `sample` and `eval`
    read; later stages win per part).
-3. Runs the any-to-any benchmark (`codi_jax.evaluate`, the same as `codi-jax eval`) on held-out
-   examples: every single input -> output pair, multi-input conditioning and joint generation,
+3. Chooses the guidance scale by a small sweep on validation examples (`GUIDANCE_CANDIDATES`,
+   recorded in the model's `config.sample.guidance_scale`), then runs the any-to-any benchmark
+   (`codi_jax.evaluate`, the same as `codi-jax eval`) on held-out examples: every single input
+   -> output pair, multi-input conditioning and joint generation (full, partial and no captions),
    scored by the dataset's analyzers; writes the gallery `<workdir>/gallery/index.html` (inputs
    beside outputs), `<workdir>/report.md` and `<workdir>/report.json`.
 """
@@ -37,6 +39,8 @@ STEPS = flags.DEFINE_list("steps", [], "Per-stage step counts overriding the dem
 EVAL_EXAMPLES = flags.DEFINE_integer("eval_examples", 48,
                                      "Held-out examples per input -> output pair in the report.")
 DDIM_STEPS = flags.DEFINE_integer("ddim_steps", 15, "DDIM steps of the generated examples.")
+SWEEP_EXAMPLES = flags.DEFINE_integer(
+    "sweep_examples", 8, "Validation examples per single pair in the guidance sweep.")
 TOKENIZERS = flags.DEFINE_string("tokenizers", None, common.TOKENIZERS_HELP)
 
 # Per stage: its steps and the `config.train` fields it sets beside them (sized for 2 CPU cores;
@@ -92,6 +96,10 @@ DEMO_STAGES = {
 }
 
 
+# The guidance scales tried on --sweep_examples validation examples per single pair before the
+# benchmark; the best is recorded in the model's config (at 7.5 the text diffuser's latents
+# decode to 85 % unreadable captions, at 4 to 55 %, at 2 to 31 %; benchmarks/RESULTS.md run 8).
+GUIDANCE_CANDIDATES = (1.0, 2.0, 4.0)
 CACHE_DIR = "cache"  # under the workdir: the encoders' outputs the frozen-encoder stages read
 CHECKPOINT_EVERY = 500  # steps between a stage's checkpoints (a hard kill loses at most these)
 
@@ -201,7 +209,7 @@ def merge_models(workdir: pathlib.Path) -> pathlib.Path:
 
 
 def report_markdown(config, summaries: list[dict], result: dict, seconds: float) -> str:
-  from codi_jax.eval_report import format_report
+  from codi_jax.eval_report import format_report, format_sweep
   from codi_jax.quality.checks import Check, format_table
 
   lines = ["# codi-jax demo report", "",
@@ -218,7 +226,10 @@ def report_markdown(config, summaries: list[dict], result: dict, seconds: float)
     if quality:
       lines += ["", f"## {s['stage']}: quality checks", "", "```",
                 format_table({k: Check.from_json(v) for k, v in quality.items()}), "```"]
-  lines += ["", "## Any-to-any benchmark", "", "```", format_report(result), "```", ""]
+  lines += ["", "## Any-to-any benchmark", "", "```"]
+  if "guidance_sweep" in result:
+    lines += [format_sweep(result["guidance_sweep"]), ""]
+  lines += [format_report(result), "```", ""]
   return "\n".join(lines)
 
 
@@ -239,9 +250,14 @@ def main(argv: list[str]) -> int:
   model_dir = merge_models(workdir)
   print(f"model: {model_dir}")
   pipeline = CoDiPipeline.from_checkpoint(model_dir, config.data.tokenizers)
+  sweep = evaluate.sweep_guidance(pipeline, GUIDANCE_CANDIDATES, num_examples=SWEEP_EXAMPLES.value,
+                                  ddim_steps=DDIM_STEPS.value, seed=config.seed)
+  evaluate.record_guidance(model_dir, sweep)
+  print(eval_report.format_sweep(sweep))
   result = evaluate.evaluate(pipeline, num_examples=EVAL_EXAMPLES.value,
-                             ddim_steps=DDIM_STEPS.value, seed=config.seed,
-                             gallery=workdir / "gallery")
+                             ddim_steps=DDIM_STEPS.value, guidance_scale=sweep["best"],
+                             seed=config.seed, gallery=workdir / "gallery")
+  result["guidance_sweep"] = sweep
   seconds = time.perf_counter() - start
   result["training"] = summaries
   atomic_write_json(workdir / "report.json", result)

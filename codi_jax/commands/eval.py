@@ -1,14 +1,18 @@
 r"""codi-jax eval: the any-to-any benchmark on held-out synthetic examples (`codi_jax.evaluate`).
 
   codi-jax eval --ckpt CKPT [--json eval.json] [--out outputs/eval] [--num_examples 32] \
-      [--ddim_steps 25] [--guidance_scale 7.5] [--seed 0] [--split test] [--tokenizers DIR]
+      [--ddim_steps 25] [--guidance_scale G | --guidance_sweep 2,4,7.5] [--seed 0] \
+      [--split test] [--tokenizers DIR]
 
 Generates every single input -> single output pair over text, image, video and audio, a few
 multi-input requests and joint text -> image+audio / video+audio (alignment others, self and
 none) from the checkpoint, reads the outputs back with the dataset's analyzers and prints one
 table per section and a summary against the accuracy bars (colour and pitch >= 0.9, the others
 >= 0.7, joint agreement others > self). --json writes every number, --out a gallery (index.html)
-of the first examples. The exit status is 0 whatever the scores (it is a measurement); it is
+of the first examples. The guidance scale is the checkpoint's `config.sample.guidance_scale`
+unless --guidance_scale is given; --guidance_sweep first scores the single pairs at each scale on
+--sweep_examples validation examples and records the best in the checkpoint (a small sweep on
+data the test split does not share). The exit status is 0 whatever the scores (it is a measurement); it is
 non-zero only when the evaluation itself fails.
 
   codi-jax eval --stage_checks --ckpt CKPT [--json quality.json] [--num_examples 128]
@@ -36,7 +40,14 @@ CKPT = flags.DEFINE_string("ckpt", None, "Model checkpoint folder (`codi_jax.che
 OUT = flags.DEFINE_string("out", None, "Also write a gallery (index.html + media) here.")
 NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 32, "Held-out examples per task.")
 STEPS = flags.DEFINE_integer("ddim_steps", 25, "DDIM steps.")
-GUIDANCE = flags.DEFINE_float("guidance_scale", 7.5, "Classifier-free guidance scale.")
+GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale "
+                               "(default: the checkpoint's config.sample.guidance_scale).")
+SWEEP = flags.DEFINE_list(
+    "guidance_sweep", [], "Guidance scales to try first on --sweep_examples validation examples "
+    "(single pairs); the best is written into the checkpoint's config.sample.guidance_scale and "
+    "the benchmark runs with it.")
+SWEEP_EXAMPLES = flags.DEFINE_integer("sweep_examples", 8,
+                                      "Validation examples per pair in --guidance_sweep.")
 SPLIT = flags.DEFINE_enum("split", "test", list(synthetic.SPLITS), "Synthetic dataset split.")
 BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Requests per compiled program call.")
 GALLERY_EXAMPLES = flags.DEFINE_integer("gallery_examples", 2,
@@ -70,11 +81,30 @@ def run() -> dict:
     raise ValueError("--ckpt is required")
   pipe = CoDiPipeline.from_checkpoint(CKPT.value, TOKENIZERS.value)
   seed = pipe.config.seed if common.SEED.value is None else common.SEED.value
+  sweep = None
+  if SWEEP.value:
+    if GUIDANCE.value is not None:
+      raise ValueError("give --guidance_scale or --guidance_sweep, not both")
+    try:
+      candidates = [float(g) for g in SWEEP.value]
+    except ValueError:
+      raise ValueError(f"--guidance_sweep takes numbers, got {SWEEP.value}") from None
+    sweep = evaluate.sweep_guidance(pipe, candidates, num_examples=SWEEP_EXAMPLES.value,
+                                    ddim_steps=STEPS.value, seed=seed,
+                                    batch_size=BATCH_SIZE.value)
+    evaluate.record_guidance(CKPT.value, sweep)
+    print(eval_report.format_sweep(sweep))
+    guidance = sweep["best"]
+  else:
+    guidance = (float(pipe.config.sample.guidance_scale) if GUIDANCE.value is None
+                else GUIDANCE.value)
   result = evaluate.evaluate(
       pipe, num_examples=NUM_EXAMPLES.value, ddim_steps=STEPS.value,
-      guidance_scale=GUIDANCE.value, seed=seed, split=SPLIT.value, batch_size=BATCH_SIZE.value,
+      guidance_scale=guidance, seed=seed, split=SPLIT.value, batch_size=BATCH_SIZE.value,
       gallery=OUT.value, gallery_examples=GALLERY_EXAMPLES.value)
   result["settings"]["checkpoint"] = str(pathlib.Path(CKPT.value).resolve())
+  if sweep is not None:
+    result["guidance_sweep"] = sweep
   if common.JSON.value:
     atomic_write_json(common.JSON.value, result)
   return result
