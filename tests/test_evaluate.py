@@ -131,7 +131,7 @@ def test_perfect_generator_scores_one(perfect):
     assert set(e["alone"]) == {m.value for m in task.inputs}
   summary = result["summary"]
   for name, a in summary["attributes"].items():
-    bar = 0.9 if name in ("colour", "pitch") else 0.7
+    bar = {"colour": 0.9, "pitch": 0.9, "size": 0.8, "position": 0.8, "rhythm": 0.8}.get(name, 0.7)
     assert (a["accuracy"], a["bar"], a["met"]) == (1.0, bar, True)
     assert a["gap"] == pytest.approx(1.0 - bar)
     assert a["chance"] == pytest.approx(1 / len(syn.ATTRIBUTE_VALUES[name]))
