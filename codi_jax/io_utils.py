@@ -8,13 +8,16 @@ the permissions the user's umask gives once they are made, as files written in p
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 import pathlib
+import re
 import shutil
 import tempfile
+import zipfile
 from glob import escape as glob_escape
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -95,3 +98,42 @@ def atomic_write_npz(path: str | os.PathLike, **arrays: np.ndarray) -> pathlib.P
   buf = io.BytesIO()
   np.savez(buf, **arrays)
   return atomic_write_bytes(path, buf.getvalue())
+
+
+# --- arrays as bytes (the cache's records) -------------------------------------------------
+
+def array_bytes(arrays: Mapping[str, Any]) -> bytes:
+  """{name: array} -> bytes (an .npz archive; strings as 0-d unicode arrays, nothing pickled)."""
+  buf = io.BytesIO()
+  np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+  return buf.getvalue()
+
+
+_NPY_HEADER = re.compile(r"""\{'descr': '([<>|=]?[A-Za-z]\d*)', 'fortran_order': (True|False), """
+                         r"""'shape': \(([\d, ]*)\), \}""")
+
+
+def _read_npy(data: bytes) -> np.ndarray:
+  """One .npy member, its header parsed with a regular expression: `np.load` parses it with
+  `ast.literal_eval`, which CPython 3.11 does not run safely in several threads at once (grain
+  reads with threads: "AST constructor recursion depth mismatch")."""
+  if data[:6] != b"\x93NUMPY":
+    raise ValueError("a record member is not a .npy array")
+  major = data[6]
+  size_bytes = 2 if major == 1 else 4
+  length = int.from_bytes(data[8:8 + size_bytes], "little")
+  start = 8 + size_bytes
+  match = _NPY_HEADER.match(data[start:start + length].decode("latin1").strip())
+  if match is None:
+    raise ValueError(f"unexpected .npy header {data[start:start + length]!r} in a record")
+  dtype, fortran = np.dtype(match.group(1)), match.group(2) == "True"
+  shape = tuple(int(d) for d in match.group(3).replace(" ", "").split(",") if d)
+  array = np.frombuffer(data, dtype, count=int(np.prod(shape)), offset=start + length)
+  return array.reshape(shape, order="F" if fortran else "C").copy()
+
+
+def read_array_bytes(data: bytes) -> dict[str, np.ndarray]:
+  """The inverse of `array_bytes` (thread-safe, nothing unpickled)."""
+  with zipfile.ZipFile(io.BytesIO(data)) as archive:
+    return {name.removesuffix(".npy"): _read_npy(archive.read(name))
+            for name in archive.namelist()}

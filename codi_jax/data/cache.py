@@ -32,14 +32,11 @@ import dataclasses
 import enum
 import glob
 import hashlib
-import io
 import json
 import logging
 import os
 import pathlib
-import re
 import time
-import zipfile
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -52,7 +49,7 @@ from tqdm import tqdm
 from codi_jax import checkpoint, components
 from codi_jax.audio.mel import FRAMES_PER_SECOND, HOP, SAMPLE_RATE
 from codi_jax.data import media, preprocess, records, synthetic
-from codi_jax.io_utils import atomic_write_json, temp_file
+from codi_jax.io_utils import array_bytes, atomic_write_json, read_array_bytes, temp_file
 from codi_jax.modality import Modality
 from codi_jax.models import autoencoder, optimus
 from codi_jax.models.clap import clap_encode_audio
@@ -365,43 +362,6 @@ class FrozenEncoders:
 
 # --- the feature records --------------------------------------------------------------------------
 
-def serialize_features(features: Mapping[str, np.ndarray]) -> bytes:
-  """{name: array} -> bytes (an .npz archive; strings as 0-d unicode arrays, nothing pickled)."""
-  buf = io.BytesIO()
-  np.savez(buf, **{k: np.asarray(v) for k, v in features.items()})
-  return buf.getvalue()
-
-
-_NPY_HEADER = re.compile(r"""\{'descr': '([<>|=]?[A-Za-z]\d*)', 'fortran_order': (True|False), """
-                         r"""'shape': \(([\d, ]*)\), \}""")
-
-
-def _read_npy(data: bytes) -> np.ndarray:
-  """One .npy member, its header parsed with a regular expression: `np.load` parses it with
-  `ast.literal_eval`, which CPython 3.11 does not run safely in several threads at once (grain
-  reads with threads: "AST constructor recursion depth mismatch")."""
-  if data[:6] != b"\x93NUMPY":
-    raise ValueError("a cache record member is not a .npy array")
-  major = data[6]
-  size_bytes = 2 if major == 1 else 4
-  length = int.from_bytes(data[8:8 + size_bytes], "little")
-  start = 8 + size_bytes
-  match = _NPY_HEADER.match(data[start:start + length].decode("latin1").strip())
-  if match is None:
-    raise ValueError(f"unexpected .npy header {data[start:start + length]!r} in a cache record")
-  dtype, fortran = np.dtype(match.group(1)), match.group(2) == "True"
-  shape = tuple(int(d) for d in match.group(3).replace(" ", "").split(",") if d)
-  array = np.frombuffer(data, dtype, count=int(np.prod(shape)), offset=start + length)
-  return array.reshape(shape, order="F" if fortran else "C").copy()
-
-
-def deserialize_features(data: bytes) -> dict[str, np.ndarray]:
-  """The inverse of `serialize_features` (thread-safe, nothing unpickled)."""
-  with zipfile.ZipFile(io.BytesIO(data)) as archive:
-    return {name.removesuffix(".npy"): _read_npy(archive.read(name))
-            for name in archive.namelist()}
-
-
 def _modality_of(feature: str) -> str:
   return feature.split("_")[0].replace("caption", "text")
 
@@ -449,7 +409,7 @@ class CacheReader:
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     if not 0 <= index < len(self):
       raise IndexError(f"cache index {index} out of range [0, {len(self)})")
-    return deserialize_features(self._source[index])
+    return read_array_bytes(self._source[index])
 
 
 def shard_files(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
@@ -617,7 +577,7 @@ class _Job:
           continue
         for feature in record.keys() - {"key", "source"}:
           count("features", feature)
-        payloads.append(serialize_features(record))
+        payloads.append(array_bytes(record))
       bar.update(len(batch))
     path = self.out_dir / shard_name(self.name, shard, self.num_shards)
     if payloads:

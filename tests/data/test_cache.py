@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from codi_jax import checkpoint, components
+from codi_jax import checkpoint, components, io_utils
 from codi_jax.audio.mel import fbank_frames
 from codi_jax.data import cache, media, preprocess, records, synthetic
 from codi_jax.models import autoencoder, optimus
@@ -250,7 +250,7 @@ def test_cache_command_uses_checkpoint_weights(setup, tmp_path):
 
 
 def test_records_read_back_exactly_without_np_load():
-  """`deserialize_features` parses the .npy headers itself (np.load's `ast.literal_eval` is not
+  """`io_utils.read_array_bytes` parses the .npy headers itself (np.load's `ast.literal_eval` is not
   thread-safe on CPython 3.11, and grain reads with threads): every dtype and layout round-trips,
   and concurrent reads do not fail."""
   import io
@@ -261,9 +261,9 @@ def test_records_read_back_exactly_without_np_load():
               "f16": rng.normal(size=(2, 3)).astype(np.float16), "i64": np.arange(5),
               "scalar": np.asarray(np.float32(2.5)),
               "fortran": np.asfortranarray(rng.normal(size=(3, 2)))}
-  data = cache.serialize_features(features)
+  data = io_utils.array_bytes(features)
   with np.load(io.BytesIO(data), allow_pickle=False) as want:
-    got = cache.deserialize_features(data)
+    got = io_utils.read_array_bytes(data)
     assert set(got) == set(want.files) == set(features)
     for name in features:
       assert got[name].dtype == want[name].dtype and got[name].shape == want[name].shape
@@ -273,7 +273,7 @@ def test_records_read_back_exactly_without_np_load():
   def read():
     try:
       for _ in range(200):
-        cache.deserialize_features(data)
+        io_utils.read_array_bytes(data)
     except Exception as e:  # pylint: disable=broad-except
       errors.append(e)
   threads = [threading.Thread(target=read) for _ in range(6)]
@@ -283,4 +283,4 @@ def test_records_read_back_exactly_without_np_load():
     t.join()
   assert not errors
   with pytest.raises(ValueError, match="not a .npy array"):
-    cache._read_npy(b"garbage")
+    io_utils._read_npy(b"garbage")
