@@ -9,11 +9,12 @@ multi-input requests and joint text -> image+audio / video+audio (alignment othe
 none) from the checkpoint, reads the outputs back with the dataset's analyzers and prints one
 table per section and a summary against the accuracy bars (colour and pitch >= 0.9, size,
 position and rhythm >= 0.8, the others >= 0.7, joint agreement others > self). --json writes
-every number, --out a gallery (index.html) of the first examples. The guidance scale is the checkpoint's `config.sample.guidance_scale`
-unless --guidance_scale is given; --guidance_sweep first scores the single pairs at each scale on
---sweep_examples validation examples and records the best in the checkpoint (a small sweep on
-data the test split does not share). The exit status is 0 whatever the scores (it is a measurement); it is
-non-zero only when the evaluation itself fails.
+every number, --out a gallery (index.html) of the first examples. The guidance scale is the
+checkpoint's `config.sample.guidance_scale` unless --guidance_scale is given; --guidance_sweep
+first scores the single pairs at each scale on --sweep_examples validation examples and records
+the best in the checkpoint (a small sweep on data the test split does not share). The exit
+status is 0 whatever the scores (it is a measurement); it is non-zero only when the evaluation
+itself fails.
 
   codi-jax eval --stage_checks --ckpt CKPT [--json quality.json] [--num_examples 128]
 

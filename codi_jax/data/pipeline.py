@@ -313,9 +313,12 @@ class _DecodeRecord(grain.transforms.Map):
     return out
 
 
+CACHED_SUFFIXES = ("_latent", "_token")  # a cached feature's name: <modality><suffix>
+
+
 def cache_features(modalities: Sequence[Modality]) -> tuple[str, ...]:
   """The cached features a stage reading `modalities` takes: each one's latent and token."""
-  return tuple(f"{m.value}_{kind}" for m in modalities for kind in ("latent", "token"))
+  return tuple(f"{m.value}{suffix}" for m in modalities for suffix in CACHED_SUFFIXES)
 
 
 class _DecodeCache(grain.transforms.Map):
@@ -343,7 +346,7 @@ class _Preprocess(grain.transforms.RandomMap):
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     spec = self._spec
     rng = rng if spec.crop is Crop.RANDOM else None
-    out = {k: v for k, v in element.items() if k.endswith(("_latent", "_token"))}
+    out = {k: v for k, v in element.items() if k.endswith(CACHED_SUFFIXES)}
     out.update(key=element["key"], source=element["source"])
     if "image" in element:
       out["image"] = preprocess.preprocess_image(element["image"], spec.image_size, rng)

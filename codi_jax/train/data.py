@@ -34,7 +34,6 @@ from codi_jax.train import latent_stats
 from codi_jax.train.state import init_sources
 
 ARRAY_FIELDS = ("index", "image", "video", "audio", "clip_ids", "bert_ids", "gpt2_ids")
-CACHED_SUFFIXES = ("_latent", "_token")  # `pipeline.cache_features`
 
 
 class Tokenizers(NamedTuple):
@@ -198,7 +197,7 @@ def arrays(batch: Mapping[str, Any], tokenizers: Tokenizers,
            config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
   """The numeric fields of a host batch, text tokenised for every text model."""
   out = {k: np.asarray(v) for k, v in batch.items()
-         if k in ARRAY_FIELDS or k.endswith(CACHED_SUFFIXES)}
+         if k in ARRAY_FIELDS or k.endswith(pipeline.CACHED_SUFFIXES)}
   if "text" in batch:
     texts = list(batch["text"])
     out["clip_ids"] = tokenizers.clip.encode_batch(texts, config.data.clip_length).astype(
