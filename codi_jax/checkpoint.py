@@ -23,14 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import json
 import logging
 import os
 import pathlib
 import shutil
 import sys
-import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
@@ -207,9 +205,29 @@ def load_config(directory: str | os.PathLike) -> ml_collections.ConfigDict:
   if not path.is_file():
     raise ValueError(f"{directory} is not a CoDi checkpoint: {CONFIG_FILE} is missing")
   try:
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    stored = json.loads(path.read_text())
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f"corrupt checkpoint config {path}: {e}") from e
+  return ml_collections.ConfigDict(_with_preset_defaults(stored))
+
+
+def _with_preset_defaults(stored: dict[str, Any]) -> dict[str, Any]:
+  """`stored` over its preset's defaults: a field added to `configs/codi.py` after the checkpoint
+  was written takes its default (new fields default to the behaviour before them), so older
+  checkpoints keep loading. A config without a known preset is returned as it is."""
+  from configs import codi  # pylint: disable=import-outside-toplevel
+
+  if not isinstance(stored, dict) or stored.get("preset") not in codi.PRESETS:
+    return stored
+
+  def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+      both_dicts = isinstance(value, dict) and isinstance(base.get(key), dict)
+      out[key] = merge(base[key], value) if both_dicts else value
+    return out
+
+  return merge(codi.get_config(stored["preset"]).to_dict(), stored)
 
 
 def load_model(directory: str | os.PathLike, parts: Sequence[str] | None = None
@@ -233,43 +251,57 @@ def load_model(directory: str | os.PathLike, parts: Sequence[str] | None = None
   out = {}
   with ocp.PyTreeCheckpointer() as checkpointer:
     for part in parts:
+      path = (directory / part).absolute()
+      _silence_failed_reads(path)
       try:
-        path = (directory / part).absolute()
         # As numpy, whatever mesh wrote it: the saved shardings name the writer's devices
         # (a model trained on 2 devices then fails to load on 1).
         tree = checkpointer.metadata(path).item_metadata.tree
         as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
         out[part] = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
       except Exception as e:  # orbax raises many types (OSError, ValueError, tensorstore errors)
-        _drain_failed_reads()
         first = str(e).split(". See full TensorStore details")[0].splitlines()
         raise ValueError(f"corrupt checkpoint part {part!r} in {directory} (a file missing or "
                          f"damaged): {type(e).__name__}: {first[0] if first else ''}") from e
   return config, out
 
 
-def _drain_failed_reads(quiet_s: float = 2.0, limit_s: float = 30.0) -> None:
-  """Waits out the reads still in flight after a failed restore, with `sys.stderr` held.
+_READ_PATHS: set[str] = set()  # checkpoint parts this process has read (`_silence_failed_reads`)
+
+
+def _is_closed_loop_report(unraisable) -> bool:
+  value = unraisable.exc_value
+  return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+
+
+def _not_a_failed_read_task(record: logging.LogRecord) -> bool:
+  message = record.getMessage()
+  return not (message.startswith("Task exception was never retrieved")
+              and any(path in message for path in _READ_PATHS))
+
+
+def _silence_failed_reads(path: pathlib.Path) -> None:
+  """Drops, for this process, the reports of the reads of `path` still in flight when a restore
+  fails, so that the one error saying what is wrong is not buried.
 
   orbax runs a restore on an event loop it closes when the first read fails; the part's other
-  reads then finish on tensorstore's threads and each reports "RuntimeError: Event loop is
-  closed", with a traceback, on `sys.stderr` (hundreds for a large part), burying the one line
-  that says what is wrong. They come within milliseconds to seconds; this returns once none has
-  come for `quiet_s` (at most `limit_s`; 0.5 s let a late one through on a loaded 2-core CI
-  run). A checkpoint is read before anything else runs, so nothing else is writing to stderr
-  meanwhile."""
-  held, real = io.StringIO(), sys.stderr
-  sys.stderr = held
-  try:
-    seen, quiet_since, start = -1, time.monotonic(), time.monotonic()
-    while time.monotonic() - start < limit_s:
-      time.sleep(0.05)
-      if held.tell() != seen:
-        seen, quiet_since = held.tell(), time.monotonic()
-      elif time.monotonic() - quiet_since >= quiet_s:
-        break
-  finally:
-    sys.stderr = real
+  reads then finish on tensorstore's threads, before or after the failure reaches us, some of
+  them seconds later. Each reports "RuntimeError: Event loop is closed" with a traceback through
+  `sys.unraisablehook` (hundreds for a large part), and each failed read's task is logged by
+  asyncio as "Task exception was never retrieved". The hook installed here drops exactly the
+  first (every other unraisable exception goes to the hook it replaces); a filter on asyncio's
+  logger drops the second for the checkpoint parts read here."""
+  _READ_PATHS.add(str(path))
+  previous = sys.unraisablehook
+  if not getattr(previous, "drops_closed_loop_reports", False):
+
+    def hook(unraisable) -> None:
+      if not _is_closed_loop_report(unraisable):
+        previous(unraisable)
+
+    hook.drops_closed_loop_reports = True
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_not_a_failed_read_task)
 
 
 def check_params(model: Mapping, part: str, tree: PyTree) -> None:

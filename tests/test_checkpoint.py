@@ -71,6 +71,21 @@ def test_save_load_round_trip(config, params, tmp_path):
   checkpoint.check_params(config.model, "clap", only["clap"])
 
 
+def test_an_older_checkpoint_config_gains_the_fields_added_since(config, tmp_path):
+  """A config.json written before a field existed loads with the preset's default for it; the
+  stored values win."""
+  stored = json.loads(config.to_json_best_effort())
+  del stored["data"]["caption_dropout"]
+  stored["train"]["learning_rate"] = 0.125
+  (tmp_path / checkpoint.CONFIG_FILE).write_text(json.dumps(stored))
+  loaded = checkpoint.load_config(tmp_path)
+  assert loaded.data.caption_dropout == config.data.caption_dropout
+  assert loaded.train.learning_rate == 0.125
+  unknown = {"preset": "not-a-preset", "seed": 1}
+  (tmp_path / checkpoint.CONFIG_FILE).write_text(json.dumps(unknown))
+  assert checkpoint.load_config(tmp_path).to_dict() == unknown
+
+
 def test_a_model_trained_on_eight_devices_loads_in_a_one_device_process(config, params,
                                                                          tmp_path):
   from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -135,10 +150,11 @@ def test_a_part_cut_short_is_one_clear_error_without_stray_tracebacks(config, tm
                 key=lambda f: f.stat().st_size)
   biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
   # In a process of its own: the reads still in flight after the failed one report into orbax's
-  # closed event loop on stderr (`checkpoint._drain_failed_reads` holds them back).
+  # closed event loop (`checkpoint._silence_closed_loop_reports` drops those reports).
   code = ("import sys; from codi_jax import checkpoint\n"
           "try:\n  checkpoint.load_model(sys.argv[1])\n"
-          "except ValueError as e:\n  print('ERROR', e, file=sys.stderr)\n")
+          "except ValueError as e:\n  print('ERROR', e, file=sys.stderr)\n"
+          "import time; time.sleep(2)\n")  # late reports would come meanwhile
   proc = subprocess.run([sys.executable, "-c", code, str(ckpt)], capture_output=True, text=True,
                         timeout=300, cwd=REPO)
   assert "ERROR corrupt checkpoint part 'diffusers'" in proc.stderr
