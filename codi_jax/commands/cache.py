@@ -62,8 +62,7 @@ def _source(run) -> tuple[object, dict]:
     if common.RECORDS.value:
       raise SystemExit("codi-jax cache: --records is for --source records")
     data = train_data.synthetic_config(run)  # the examples training reads
-    return synthetic.SplitSource(data, SPLIT.value), dict(
-        source="synthetic", split=SPLIT.value, synthetic_config=repr(data))
+    return synthetic.SplitSource(data, SPLIT.value), dict(source="synthetic", split=SPLIT.value)
   if not common.RECORDS.value:
     raise SystemExit("codi-jax cache: --source records needs --records")
   files = records.record_files([f for pattern in common.RECORDS.value for f in (

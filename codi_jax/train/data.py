@@ -92,8 +92,8 @@ def cache_paths(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 def check_cache(config: ml_collections.ConfigDict, params: Mapping[str, Any]) -> None:
   """Refuses a `config.data.cache` that holds something other than what this run's encoders
   (`params`, {part: tree}) compute from its training examples: other input sizes, posterior
-  samples instead of the mode, other latent normalisation, or other encoder weights
-  (`cache.encoder_signature`)."""
+  samples instead of the mode, other latent normalisation, other encoder weights
+  (`cache.encoder_signature`), or other synthetic examples (its seed, caption dropout, ...)."""
   want = dataclasses.asdict(cache.cache_config_from(config))
   mine = cache.encoder_signature({p: params[p] for p in cache.ENCODERS if p in params})
   folders = {str(pathlib.Path(f).parent) for p in cache_paths(config)
@@ -114,6 +114,16 @@ def check_cache(config: ml_collections.ConfigDict, params: Mapping[str, Any]) ->
           raise ValueError(f"the cache {folder} holds latents with {field}.{name}={theirs}; this "
                            f"run normalises them with {config.model[field][name]} (rebuild it "
                            "with `codi-jax cache --ckpt` on the checkpoints this run starts from)")
+    made_from = spec.get("synthetic_config")
+    if config.data.source == "synthetic" and made_from is not None:
+      mine_data = dataclasses.asdict(synthetic_config(config))
+      differ = sorted(k for k in mine_data if made_from.get(k) != mine_data[k])
+      if differ:
+        raise ValueError(
+            f"the cache {folder} holds synthetic examples made with "
+            f"{', '.join(f'{k}={made_from.get(k)!r}' for k in differ)}; this run trains on "
+            f"{', '.join(f'{k}={mine_data[k]!r}' for k in differ)} (rebuild it with "
+            "`codi-jax cache` and this run's config)")
     theirs = spec.get("encoder_signature") or {}
     for part, signature in mine.items():
       if part in theirs and not np.allclose(theirs[part], signature, rtol=1e-4):
@@ -153,6 +163,8 @@ def cache_examples(run: ml_collections.ConfigDict, ckpt: Sequence[str] | None,
   encoders = cache.FrozenEncoders(run.model, params, cache.load_tokenizers(tokenizers), config)
   describe = dict(describe, model=json.loads(run.model.to_json_best_effort()),
                   encoder_weights=weights, encoder_signature=cache.encoder_signature(params))
+  if isinstance(source, synthetic.SplitSource):  # what `check_cache` compares with a run's data
+    describe["synthetic_config"] = dataclasses.asdict(source.config)
   return cache.build_cache(source, out, encoders, name=name, limit=limit, shard_size=shard_size,
                            store_dtype=store_dtype, describe=describe,
                            process_index=process_index, process_count=process_count,

@@ -105,3 +105,7 @@ def test_a_cache_that_does_not_fit_the_run_is_refused(random_model, cached, tmp_
   small.data.audio_samples = 8000
   with pytest.raises(ValueError, match="audio_samples=10000"):
     train(small, str(tmp_path / "c"), progress=False)
+  dropped = _config("diffuse_image", random_model, cached, steps=1)
+  dropped.data.caption_dropout = 0.5  # the cache holds full captions' tokens
+  with pytest.raises(ValueError, match="caption_dropout=0.0; this run trains on caption_dropout"):
+    train(dropped, str(tmp_path / "d"), progress=False)
