@@ -372,10 +372,15 @@ def choose_conditions(tokens: list[jax.Array], nulls: list[jax.Array], keys: jax
 def environment_contrastive(models: Models, diffuser_params: PyTree,
                             x0: Mapping[Modality, jax.Array], keys: jax.Array,
                             schedule: ScheduleConfig, logit_scale: float) -> jax.Array:
-  """InfoNCE between the environment codes of paired latents (noised at one shared timestep):
-  pulls the codes of matching examples together across modalities (latent alignment)."""
-  t_keys = _stream(keys, _T)
-  t = jax.vmap(lambda k: jax.random.randint(k, (), 0, schedule.num_timesteps))(t_keys)
+  """InfoNCE between the environment codes of paired latents: pulls the codes of matching
+  examples together across modalities (latent alignment).
+
+  Every row is noised at the same timestep. The codes depend on the timestep, so with one per
+  row a pair could be matched by its timestep alone: the loss then fell to ~0.5 (chance log 8)
+  while every example's code stayed the same vector at a given timestep (cosine 0.998), and
+  the connectors had nothing to pass on."""
+  t_key = _stream(keys, _T)[0]
+  t = jnp.full((keys.shape[0],), jax.random.randint(t_key, (), 0, schedule.num_timesteps))
   x_t = {m: add_noise(x, _normal(_stream(keys, _NOISE + 10 + i), x.shape[1:]), t, schedule)
          for i, (m, x) in enumerate(sorted(x0.items()))}
   codes = models.diffusers.apply({"params": diffuser_params}, x_t, t,

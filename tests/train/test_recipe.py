@@ -318,3 +318,24 @@ def test_choose_conditions_picks_one_token_or_its_modalitys_null_per_row():
     assert abs(share[v] - 0.1 / 3) < 0.015
   with pytest.raises(ValueError, match="null tokens"):
     objectives.choose_conditions(tokens, nulls[:1], keys, 0.1)
+
+
+def test_environment_codes_cannot_match_pairs_by_their_timestep():
+  """Codes that see only the timestep carry nothing about the example: the contrastive loss of
+  latent alignment must then stay at chance, log B (one timestep per row let it reach ~0)."""
+  import types  # pylint: disable=import-outside-toplevel
+
+  from codi_jax.diffusion.schedule import ScheduleConfig  # pylint: disable=import-outside-toplevel
+  from codi_jax.modality import Modality  # pylint: disable=import-outside-toplevel
+  from codi_jax.train import objectives  # pylint: disable=import-outside-toplevel
+
+  def timestep_only_codes(variables, x_t, t, method=None):
+    del variables, method
+    return {m: jax.nn.one_hot(t % 64, 64) for m in x_t}
+
+  models = types.SimpleNamespace(diffusers=types.SimpleNamespace(apply=timestep_only_codes))
+  batch = 8
+  x0 = {Modality.IMAGE: jnp.zeros((batch, 4, 4, 4)), Modality.AUDIO: jnp.zeros((batch, 4, 4, 8))}
+  keys = jax.random.split(jax.random.PRNGKey(0), batch)
+  loss = objectives.environment_contrastive(models, {}, x0, keys, ScheduleConfig(), 10.0)
+  np.testing.assert_allclose(float(loss), np.log(batch), rtol=1e-5)
