@@ -208,26 +208,8 @@ def load_config(directory: str | os.PathLike) -> ml_collections.ConfigDict:
     stored = json.loads(path.read_text())
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f"corrupt checkpoint config {path}: {e}") from e
-  return ml_collections.ConfigDict(_with_preset_defaults(stored))
-
-
-def _with_preset_defaults(stored: dict[str, Any]) -> dict[str, Any]:
-  """`stored` over its preset's defaults: a field added to `configs/codi.py` after the checkpoint
-  was written takes its default (new fields default to the behaviour before them), so older
-  checkpoints keep loading. A config without a known preset is returned as it is."""
   from configs import codi  # pylint: disable=import-outside-toplevel
-
-  if not isinstance(stored, dict) or stored.get("preset") not in codi.PRESETS:
-    return stored
-
-  def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-      both_dicts = isinstance(value, dict) and isinstance(base.get(key), dict)
-      out[key] = merge(base[key], value) if both_dicts else value
-    return out
-
-  return merge(codi.get_config(stored["preset"]).to_dict(), stored)
+  return ml_collections.ConfigDict(codi.with_defaults(stored))
 
 
 def load_model(directory: str | os.PathLike, parts: Sequence[str] | None = None
@@ -269,11 +251,6 @@ def load_model(directory: str | os.PathLike, parts: Sequence[str] | None = None
 _READ_PATHS: set[str] = set()  # checkpoint parts this process has read (`_silence_failed_reads`)
 
 
-def _is_closed_loop_report(unraisable) -> bool:
-  value = unraisable.exc_value
-  return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
-
-
 def _not_a_failed_read_task(record: logging.LogRecord) -> bool:
   message = record.getMessage()
   return not (message.startswith("Task exception was never retrieved")
@@ -281,22 +258,18 @@ def _not_a_failed_read_task(record: logging.LogRecord) -> bool:
 
 
 def _silence_failed_reads(path: pathlib.Path) -> None:
-  """Drops, for this process, the reports of the reads of `path` still in flight when a restore
-  fails, so that the one error saying what is wrong is not buried.
-
-  orbax runs a restore on an event loop it closes when the first read fails; the part's other
-  reads then finish on tensorstore's threads, before or after the failure reaches us, some of
-  them seconds later. Each reports "RuntimeError: Event loop is closed" with a traceback through
-  `sys.unraisablehook` (hundreds for a large part), and each failed read's task is logged by
-  asyncio as "Task exception was never retrieved". The hook installed here drops exactly the
-  first (every other unraisable exception goes to the hook it replaces); a filter on asyncio's
-  logger drops the second for the checkpoint parts read here."""
+  """Drops, for this process, what the reads of `path` still in flight report when a restore
+  fails (orbax closes its event loop at the first failed read; the others then finish on
+  tensorstore's threads, before or seconds after the failure reaches us): asyncio's "Task
+  exception was never retrieved" logs naming `path`, and every unraisable "RuntimeError: Event
+  loop is closed" (hundreds for a large part). Every other report passes."""
   _READ_PATHS.add(str(path))
   previous = sys.unraisablehook
   if not getattr(previous, "drops_closed_loop_reports", False):
 
     def hook(unraisable) -> None:
-      if not _is_closed_loop_report(unraisable):
+      value = unraisable.exc_value
+      if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
         previous(unraisable)
 
     hook.drops_closed_loop_reports = True

@@ -300,3 +300,21 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       dcn=dict(data=1, fsdp=1, context=1, tensor=1)))
   config.sharding_rules = SHARDING_RULES
   return config
+
+
+def with_defaults(stored: dict) -> dict:
+  """A stored run config (`config.json` of a checkpoint) over its preset's defaults: a field
+  added after the checkpoint was written takes its default (new fields default to the behaviour
+  before them), so older checkpoints keep loading; the stored values win. A config without a
+  known preset is returned as it is."""
+  if not isinstance(stored, dict) or stored.get("preset") not in PRESETS:
+    return stored
+
+  def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+      both_dicts = isinstance(value, dict) and isinstance(base.get(key), dict)
+      out[key] = merge(base[key], value) if both_dicts else value
+    return out
+
+  return merge(get_config(stored["preset"]).to_dict(), stored)
