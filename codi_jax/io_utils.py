@@ -81,22 +81,12 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> pathlib.Path:
 
 def atomic_write_png(path: str | os.PathLike, image: np.ndarray) -> pathlib.Path:
   """image: uint8 [H, W] or [H, W, 3]."""
-  import io
-
   from PIL import Image
 
   if image.dtype != np.uint8 or image.ndim not in (2, 3):
     raise ValueError(f"PNG needs uint8 [H, W] or [H, W, 3], got {image.dtype} {image.shape}")
   buf = io.BytesIO()
   Image.fromarray(image).save(buf, format="PNG")
-  return atomic_write_bytes(path, buf.getvalue())
-
-
-def atomic_write_npz(path: str | os.PathLike, **arrays: np.ndarray) -> pathlib.Path:
-  import io
-
-  buf = io.BytesIO()
-  np.savez(buf, **arrays)
   return atomic_write_bytes(path, buf.getvalue())
 
 
