@@ -371,19 +371,30 @@ def choose_conditions(tokens: list[jax.Array], nulls: list[jax.Array], keys: jax
 
 def environment_contrastive(models: Models, diffuser_params: PyTree,
                             x0: Mapping[Modality, jax.Array], keys: jax.Array,
-                            schedule: ScheduleConfig, logit_scale: float) -> jax.Array:
+                            schedule: ScheduleConfig, logit_scale: float,
+                            max_timestep: int | None = None) -> jax.Array:
   """InfoNCE between the environment codes of paired latents: pulls the codes of matching
   examples together across modalities (latent alignment).
 
   Every row is noised at the same timestep. The codes depend on the timestep, so with one per
   row a pair could be matched by its timestep alone: the loss then fell to ~0.5 (chance log 8)
   while every example's code stayed the same vector at a given timestep (cosine 0.998), and
-  the connectors had nothing to pass on."""
+  the connectors had nothing to pass on.
+
+  The codes are centred over the batch before the loss. Mean-pooled, they share a component
+  that dwarfs what tells examples apart (pairwise cosine 0.998 at the start), and at the many
+  timesteps where noise hides which latents pair, InfoNCE is lowest with equal logits: it
+  pulled every code onto that common vector (cosine 1.000, the loss at chance for 800 steps,
+  and likewise 600 steps at batch 64 on the encoders alone). Centred, a constant code scores
+  nothing, and the same 400 steps at batch 32 retrieve an image's audio among 32 at 0.59 (t
+  50; chance 0.03)."""
   t_key = _stream(keys, _T)[0]
-  t = jnp.full((keys.shape[0],), jax.random.randint(t_key, (), 0, schedule.num_timesteps))
+  high = min(max_timestep or schedule.num_timesteps, schedule.num_timesteps)
+  t = jnp.full((keys.shape[0],), jax.random.randint(t_key, (), 0, high))
   x_t = {m: add_noise(x, _normal(_stream(keys, _NOISE + 10 + i), x.shape[1:]), t, schedule)
          for i, (m, x) in enumerate(sorted(x0.items()))}
   codes = models.diffusers.apply({"params": diffuser_params}, x_t, t,
                                  method=CoDiUNet.environment_codes)
-  a, b = (l2_normalize(codes[m].astype(jnp.float32)) for m in sorted(codes))
+  centred = lambda c: c - jnp.mean(c, axis=0, keepdims=True)
+  a, b = (l2_normalize(centred(codes[m].astype(jnp.float32))) for m in sorted(codes))
   return contrastive_loss(a, b, jnp.log(logit_scale))

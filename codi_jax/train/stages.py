@@ -15,7 +15,8 @@ minimises.
   diffuse_text     the text diffuser, conditioned on image tokens
   latent_align     diffusers frozen; environment encoders + connector cross-attention trained on
                    joint generation, in the paper's order of pairs: text-image, then text-audio,
-                   then audio-video (one phase each, `config.train.latent_align_pairs`)
+                   then audio-video (one phase each, `config.train.latent_align_pairs`;
+                   image-audio can be trained directly too)
 
 A stage names the parts it needs (loaded or initialised), a predicate selecting its trainable
 leaves (everything else is frozen and never enters the optimizer), and its phases. A phase has
@@ -52,6 +53,7 @@ PAIRS: dict[str, tuple[Modality, Modality]] = {
     "text_image": (Modality.TEXT, Modality.IMAGE),
     "audio_text": (Modality.AUDIO, Modality.TEXT),
     "audio_video": (Modality.AUDIO, Modality.VIDEO),
+    "image_audio": (Modality.IMAGE, Modality.AUDIO),
 }
 
 
@@ -232,7 +234,8 @@ def _latent_align_loss(phase: Phase, models: obj.Models, params, batch, keys, co
   weight = config.train.env_contrastive_weight
   if weight:
     env = obj.environment_contrastive(models, params["diffusers"], x0, keys, schedule,
-                                      config.train.env_contrastive_scale)
+                                      config.train.env_contrastive_scale,
+                                      config.train.env_contrastive_max_timestep)
     metrics["env_contrastive"] = env
     loss = loss + weight * env
   return loss, metrics
@@ -267,7 +270,11 @@ def _autoencoder_parts(config: ml_collections.ConfigDict) -> dict[str, int]:
   return _shares(config, "autoencoders", AUTOENCODERS)
 
 
-def _latent_align_pairs(config: ml_collections.ConfigDict) -> dict[str, int]:
+LATENT_ALIGN_PARTS = ("diffusers", "autokl", "audioldm_vae", "optimus", "clip", "clap")
+
+
+def latent_align_pairs(config: ml_collections.ConfigDict) -> dict[str, int]:
+  """The pairs latent alignment trains (`config.train.latent_align_pairs`): {name: share}."""
   return _shares(config, "latent_align_pairs", PAIRS)
 
 
@@ -351,14 +358,13 @@ def _stage(config: ml_collections.ConfigDict) -> Stage:
     return diffusion_stage(name, _diffusion_conditions(config))
   if name == "latent_align":
     phases = []
-    for pair, share in _latent_align_pairs(config).items():
+    for pair, share in latent_align_pairs(config).items():
       mods = PAIRS[pair]
       branches = _branches_of(mods)
       updates = (lambda branches: lambda part, path: path[0] in branches)(branches)
       phases.append(Phase(f"latent_align_{pair}", mods, updates, outputs=mods, share=share))
     trainable = lambda part, path: part == "diffusers" and is_connector(path)
-    return Stage(name, ("diffusers", "autokl", "audioldm_vae", "optimus", "clip", "clap"),
-                 trainable, tuple(phases), _latent_align_loss,
+    return Stage(name, LATENT_ALIGN_PARTS, trainable, tuple(phases), _latent_align_loss,
                  "environment encoders and connectors on joint generation, diffusers frozen")
   raise ValueError(f"unknown stage {name!r}; choose one of {', '.join(STAGES)}")
 

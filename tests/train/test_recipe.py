@@ -339,3 +339,28 @@ def test_environment_codes_cannot_match_pairs_by_their_timestep():
   keys = jax.random.split(jax.random.PRNGKey(0), batch)
   loss = objectives.environment_contrastive(models, {}, x0, keys, ScheduleConfig(), 10.0)
   np.testing.assert_allclose(float(loss), np.log(batch), rtol=1e-5)
+
+
+def test_environment_codes_are_told_apart_beside_a_common_component():
+  """Mean-pooled codes share a component far larger than what tells examples apart. The loss
+  centres them over the batch, so paired content well below that component still scores (and a
+  constant code cannot lower the loss below chance)."""
+  import types  # pylint: disable=import-outside-toplevel
+
+  from codi_jax.diffusion.schedule import ScheduleConfig  # pylint: disable=import-outside-toplevel
+  from codi_jax.modality import Modality  # pylint: disable=import-outside-toplevel
+  from codi_jax.train import objectives  # pylint: disable=import-outside-toplevel
+
+  batch = 8
+  common = 100.0 * jnp.ones((64,))
+  content = jax.nn.one_hot(jnp.arange(batch), 64)  # example b's content: its own direction
+
+  def codes_with_common_part(variables, x_t, t, method=None):
+    del variables, t, method
+    return {m: common + content + 0.0 * jnp.sum(x) for m, x in x_t.items()}
+
+  models = types.SimpleNamespace(diffusers=types.SimpleNamespace(apply=codes_with_common_part))
+  x0 = {Modality.IMAGE: jnp.zeros((batch, 4, 4, 4)), Modality.AUDIO: jnp.zeros((batch, 4, 4, 8))}
+  keys = jax.random.split(jax.random.PRNGKey(0), batch)
+  loss = objectives.environment_contrastive(models, {}, x0, keys, ScheduleConfig(), 10.0)
+  assert float(loss) < 0.5 * np.log(batch)
