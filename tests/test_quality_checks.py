@@ -80,4 +80,41 @@ def test_checks_report_their_bars():
   text = checks.format_table(table)
   assert "2 of 3 checks met" in text and "NO" in text
   with pytest.raises(ValueError, match="no quality checks"):
-    checks.run_stage_checks(None, ["latent_align"])
+    checks.run_stage_checks(None, ["sample"])
+
+
+def test_latent_align_checks_pass_coupled_outputs_and_fail_independent_ones():
+  """Stand-ins for the joint diffuser: codes that are the noisy latents themselves retrieve
+  their pair; a constant code cannot. A noise prediction that reads x0 off its partner gains;
+  one that ignores the partner gains exactly 0."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  from codi_jax.diffusion.schedule import ScheduleConfig, ddpm_schedule  # pylint: disable=import-outside-toplevel
+  from codi_jax.quality import alignment  # pylint: disable=import-outside-toplevel
+
+  image, audio = Modality.IMAGE, Modality.AUDIO
+  shared = jax.random.normal(jax.random.PRNGKey(0), (64, 8, 8, 4))
+  x0 = {image: shared, audio: shared}  # a pair that is one latent twice
+  abar = jnp.asarray(ddpm_schedule().alphas_cumprod)
+  flat = lambda x: x.reshape(x.shape[0], -1)
+
+  def from_partner(x_t, t):  # x_a - x_b = sqrt(1 - abar) (eps_a - eps_b) when the pair matches
+    (a, xa), (b, xb) = x_t.items()
+    scale = jnp.sqrt(1.0 - abar[t])[:, None, None, None]
+    return {a: (xa - xb) / scale, b: (xb - xa) / scale}
+
+  coupled = alignment.score((image, audio), _rows(alignment.measure_pair(
+      lambda x_t, t: {m: flat(x) for m, x in x_t.items()}, from_partner, x0, ScheduleConfig())))
+  assert all(c.met for c in coupled.values()), checks.format_table(coupled)
+  independent = alignment.score((image, audio), _rows(alignment.measure_pair(
+      lambda x_t, t: {m: jnp.ones((x.shape[0], 4)) for m, x in x_t.items()},
+      lambda x_t, t: {m: 0.5 * x for m, x in x_t.items()}, x0, ScheduleConfig())))
+  assert not any(c.met for c in independent.values())
+  assert all(c.value == 0.0 for k, c in independent.items() if k.startswith("partner/"))
+
+
+def _rows(measured):
+  """`measure_pair`'s arrays as one row per example, as `checks.batched` returns them."""
+  size = next(iter(measured.values())).shape[0]
+  return [{k: np.asarray(v[i]) for k, v in measured.items()} for i in range(size)]

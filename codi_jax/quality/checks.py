@@ -16,6 +16,9 @@ with the dataset's analyzers (`codi_jax.data.analyzers`) against a fixed bar:
   diffuse_<out>   condition/<out>/t<t>  `codi_jax.quality.conditioning`: the diffuser's noise
                                      prediction with each example's own condition token against
                                      another example's, at t = 100, 250, 500
+  latent_align    environment/<a>-<b>/t<t>, partner/<out>+<other>/t<t>
+                                     `codi_jax.quality.alignment`: paired environment codes
+                                     retrieve each other; the connectors use the other output
 
 Every check is `{"value": float, "bar": float or [low, high], "met": bool}` under its name
 (`Check.as_json`); `run_stage_checks` returns them in order, `format_table` prints them.
@@ -228,6 +231,11 @@ def _condition_checks(stage: str) -> Callable[[Context], dict[str, Check]]:
   return run
 
 
+def _latent_align_checks(ctx: Context) -> dict[str, Check]:
+  from codi_jax.quality import alignment  # pylint: disable=import-outside-toplevel
+  return alignment.checks(ctx)
+
+
 # Stage -> (the parts its checks read, the checks). The autoencoders' checks skip the parts a
 # model does not hold; the other stages' need all of theirs.
 STAGE_CHECKS: dict[str, tuple[tuple[str, ...], Callable[[Context], dict[str, Check]]]] = {
@@ -236,6 +244,7 @@ STAGE_CHECKS: dict[str, tuple[tuple[str, ...], Callable[[Context], dict[str, Che
     "align_encoders": (("clip", "clap"), encoder_checks),
     **{name: (stages.diffusion_stage(name).parts, _condition_checks(name))
        for name in stages.DIFFUSION_STAGES},
+    "latent_align": (stages.LATENT_ALIGN_PARTS, _latent_align_checks),
 }
 
 
