@@ -9,7 +9,7 @@ trains (`config.train.latent_align_pairs`), at fixed timesteps t:
   environment/<a>-<b>/t<t>  the code of a's noisy latent retrieves the code of its own b among
                             the 64 of its group (top-1; chance 1/64). Codes that every example
                             shares score chance, whatever the loss did.
-  partner/<out>/t<t>        with the null caption (the unconditional joint task, where only the
+  partner/<out>+<other>/t<t>  with the null caption (the unconditional joint task, where only the
                             partner can say what to generate), `out`'s noise prediction beside
                             its own partner against beside another example's:
                             1 - MSE(own partner) / MSE(other partner), as the diffusers'

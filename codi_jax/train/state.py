@@ -219,7 +219,8 @@ DECAYS = ("cosine", "constant")  # after warm-up
 
 
 _POSITIVE_INTS = ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
-                  "latent_stats_examples", "sample_count", "sample_ddim_steps")
+                  "latent_stats_examples", "sample_count", "sample_ddim_steps",
+                  "env_contrastive_max_timestep")
 _NON_NEGATIVE_INTS = ("warmup_steps", "sample_every", "quality_examples",
                       "optimus_softmax_candidates")
 _POSITIVE_NUMBERS = ("learning_rate", "grad_clip", "eps")

@@ -194,6 +194,7 @@ def test_the_released_constants_are_untouched():
     ("steps", 0, "steps must be a positive integer, got 0"),
     ("steps", -5, "steps must be a positive integer"),
     ("checkpoint_every", 0, "checkpoint_every must be a positive integer, got 0"),
+    ("env_contrastive_max_timestep", 0, "env_contrastive_max_timestep must be a positive"),
     ("batch_size", -4, "batch_size must be a positive integer"),
     ("warmup_steps", -1, "warmup_steps must be an integer >= 0"),
     ("optimus_softmax_candidates", -1, "optimus_softmax_candidates must be an integer >= 0"),
