@@ -31,7 +31,7 @@ from codi_jax.diffusion.losses import add_noise
 from codi_jax.diffusion.schedule import ScheduleConfig
 from codi_jax.modality import Modality
 from codi_jax.models.codi import CoDiUNet
-from codi_jax.quality.conditioning import GAIN_BAR, NOISE_SEED, TIMESTEPS, gains
+from codi_jax.quality.conditioning import GAIN_BAR, NOISE_SEED, TIMESTEPS, gains, row_noise
 from codi_jax.train import data as train_data
 from codi_jax.train import objectives
 from codi_jax.train import stages
@@ -54,12 +54,7 @@ def measure_pair(codes_fn: JointFn, eps_fn: JointFn, x0: Mapping[Modality, jax.A
     raise ValueError(f"measure_pair needs two outputs of at least 2 rows, got "
                      f"{ {m.value: x.shape for m, x in x0.items()} }")
   batch = next(iter(x0.values())).shape[0]
-  rows = jnp.arange(batch)
-  noise = {}
-  for i, (m, x) in enumerate(x0.items()):
-    keys = jax.vmap(lambda r, i=i: jax.random.fold_in(jax.random.PRNGKey(NOISE_SEED + 1 + i), r))(
-        rows)
-    noise[m] = jax.vmap(lambda k, s=x.shape[1:]: jax.random.normal(k, s, jnp.float32))(keys)
+  noise = {m: row_noise(x, NOISE_SEED + 1 + i) for i, (m, x) in enumerate(x0.items())}
   out = {f"{kind}_{m.value}": [] for kind in ("code", "mse") for m in pair}
   for step in TIMESTEPS:
     t = jnp.full((batch,), step, jnp.int32)

@@ -40,6 +40,13 @@ GAIN_BAR = 0.2
 NOISE_SEED = 0
 
 
+def row_noise(x0: jax.Array, seed: int = NOISE_SEED) -> jax.Array:
+  """Standard normal noise shaped like x0 [B, ...], row b's a fixed function of (seed, b)."""
+  keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.PRNGKey(seed), r))(
+      jnp.arange(x0.shape[0]))
+  return jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))(keys)
+
+
 def squared_errors(eps_fn: EpsilonFn, x0: jax.Array, tokens: jax.Array, timesteps: Sequence[int],
                    schedule: ScheduleConfig) -> jax.Array:
   """Per timestep and row, the MSE of the predicted noise with the row's own token and with the
@@ -47,9 +54,7 @@ def squared_errors(eps_fn: EpsilonFn, x0: jax.Array, tokens: jax.Array, timestep
   if x0.shape[0] < 2 or tokens.shape[0] != x0.shape[0]:
     raise ValueError(f"squared_errors: need as many tokens as latents, at least 2; got latents "
                      f"{x0.shape} and tokens {tokens.shape}")
-  rows = jnp.arange(x0.shape[0])
-  keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.PRNGKey(NOISE_SEED), r))(rows)
-  noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))(keys)
+  noise = row_noise(x0)
   contexts = (tokens[:, None], jnp.roll(tokens, 1, axis=0)[:, None])
   out = []
   for step in timesteps:
